@@ -1,0 +1,226 @@
+"""The seam between SMTP and credential stores: verdicts, secrets and the chain.
+
+No I/O happens here. Backends (auth_backends/) answer with an Outcome; the Chain
+asks them in order and returns a Decision that the SMTP layer, the logs and
+ofmipd-authtest all read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    from ofmipd.identity import ClientIdentity
+
+log = logging.getLogger("ofmipd.auth")
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+    def __bool__(self) -> bool:
+        # A verdict is three-way; "if verdict:" would silently treat TEMPFAIL as yes.
+        raise TypeError("compare a Verdict with Verdict.ACCEPT, not by truth value")
+
+
+class Secret:
+    """A password as bytes whose repr never shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def matches(self, other: bytes) -> bool:
+        return hmac.compare_digest(self._value, other)
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one backend says. `reason` is for the admin and never holds a secret."""
+
+    verdict: Verdict
+    reason: str
+    user: str | None = None  # the canonical name, when the store knows it
+
+
+def accept(reason: str = "password matches", user: str | None = None) -> Outcome:
+    return Outcome(Verdict.ACCEPT, reason, user)
+
+
+def reject(reason: str) -> Outcome:
+    return Outcome(Verdict.REJECT, reason)
+
+
+def tempfail(reason: str) -> Outcome:
+    return Outcome(Verdict.TEMPFAIL, reason)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Answer of a plaintext lookup: the stored password, or why there is none."""
+
+    outcome: Outcome  # ACCEPT means "found"; REJECT unknown user; TEMPFAIL outage
+    secret: Secret | None = None
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    name: str  # the kind, e.g. "ldap"
+    target: str  # what it talks to, for logs and ofmipd-authtest
+
+    async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome: ...
+
+
+@runtime_checkable
+class PlaintextSource(Protocol):
+    """Optional second capability; CRAM-MD5 is offered only if every backend has it."""
+
+    async def lookup_plaintext(self, user: str, client: ClientIdentity) -> Lookup: ...
+
+
+def can_lookup_plaintext(backend: object) -> bool:
+    return callable(getattr(backend, "lookup_plaintext", None))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    backend: str
+    target: str
+    outcome: Outcome
+    ms: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    user: str | None
+    attempts: tuple[Attempt, ...]
+
+    @property
+    def decided_by(self) -> Attempt | None:
+        for attempt in self.attempts:
+            if attempt.outcome.verdict is Verdict.ACCEPT:
+                return attempt
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def reason(self) -> str:
+        decider = self.decided_by
+        return decider.outcome.reason if decider else "no backend tried"
+
+
+def check_at_the_door(user: bytes, password: bytes) -> str | Outcome:
+    """Validate raw credentials once, before any backend runs."""
+    if not user:
+        return reject("malformed credentials: empty user name")
+    if not password:
+        return reject("malformed credentials: empty password")
+    if b"\0" in password:
+        return reject("malformed credentials: NUL in password")
+    if any(c in user for c in (0, 10, 13)):
+        return reject("malformed credentials: control character in user name")
+    try:
+        return user.decode("utf-8")
+    except UnicodeDecodeError:
+        return reject("malformed credentials: user name is not UTF-8")
+
+
+def cram_md5_digest(secret: Secret, challenge: bytes) -> str:
+    return hmac.new(secret.reveal(), challenge, hashlib.md5).hexdigest()
+
+
+class Chain:
+    """Asks backends in order; the first accept wins.
+
+    If nobody accepted and any backend failed temporarily the verdict is TEMPFAIL:
+    that backend might have said yes, so the client must try later, not be told
+    its password is wrong.
+    """
+
+    def __init__(self, backends: Sequence[Authenticator], timeout: float = 30.0) -> None:
+        self.backends = tuple(backends)
+        self.timeout = timeout
+
+    @property
+    def supports_cram_md5(self) -> bool:
+        return bool(self.backends) and all(can_lookup_plaintext(b) for b in self.backends)
+
+    async def authenticate(
+        self, user: bytes, password: bytes, client: ClientIdentity, *, try_all: bool = False
+    ) -> Decision:
+        name = check_at_the_door(user, password)
+        if isinstance(name, Outcome):
+            return Decision(Verdict.REJECT, None, (Attempt("door", "-", name, 0.0),))
+        secret = Secret(password)
+        return await self._ask_each(
+            name, lambda b: b.verify(name, secret, client), try_all=try_all
+        )
+
+    async def authenticate_cram_md5(
+        self, user: bytes, challenge: bytes, digest: str, client: ClientIdentity
+    ) -> Decision:
+        name = check_at_the_door(user, b"-")
+        if isinstance(name, Outcome):
+            return Decision(Verdict.REJECT, None, (Attempt("door", "-", name, 0.0),))
+
+        async def by_digest(backend: Authenticator) -> Outcome:
+            found = await backend.lookup_plaintext(name, client)  # type: ignore[attr-defined]
+            if found.outcome.verdict is not Verdict.ACCEPT or found.secret is None:
+                return found.outcome
+            expected = cram_md5_digest(found.secret, challenge)
+            if hmac.compare_digest(expected.encode(), digest.lower().encode()):
+                return accept("CRAM-MD5 digest matches", found.outcome.user)
+            return reject("CRAM-MD5 digest mismatch")
+
+        return await self._ask_each(name, by_digest, try_all=False)
+
+    async def _ask_each(self, name: str, ask, *, try_all: bool) -> Decision:  # type: ignore[no-untyped-def]
+        attempts: list[Attempt] = []
+        winner: Outcome | None = None
+        for backend in self.backends:
+            started = time.perf_counter()
+            outcome = await self._contained(backend, ask)
+            ms = (time.perf_counter() - started) * 1000
+            attempts.append(Attempt(backend.name, backend.target, outcome, ms))
+            if outcome.verdict is Verdict.ACCEPT and winner is None:
+                winner = outcome
+                if not try_all:
+                    break
+        if winner is not None:
+            return Decision(Verdict.ACCEPT, winner.user or name, tuple(attempts))
+        if any(a.outcome.verdict is Verdict.TEMPFAIL for a in attempts):
+            return Decision(Verdict.TEMPFAIL, name, tuple(attempts))
+        return Decision(Verdict.REJECT, name, tuple(attempts))
+
+    async def _contained(self, backend: Authenticator, ask) -> Outcome:  # type: ignore[no-untyped-def]
+        try:
+            outcome = await asyncio.wait_for(ask(backend), self.timeout)
+        except asyncio.TimeoutError:
+            return tempfail(f"no answer within {self.timeout:g}s")
+        except Exception as error:  # contained: one broken backend must not kill the session
+            log.error("backend %s raised", backend.name, exc_info=True)
+            return tempfail(f"internal error: {type(error).__name__}")
+        if not isinstance(outcome, Outcome):
+            return tempfail(f"backend returned {type(outcome).__name__}, not an Outcome")
+        return outcome

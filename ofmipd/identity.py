@@ -1,0 +1,132 @@
+"""Who the client is: one frozen ClientIdentity per connection, built before the banner.
+
+Nothing else in ofmipd derives a client address. The builders are pure functions
+of a socket's addresses or of the launcher's environment, so each launch mode is
+tested without a network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+# Where the identity came from, most trusted first.
+SOCKET = "socket"
+PROXY_V1 = "proxy-v1"
+PROXY_V2 = "proxy-v2"
+UCSPI_ENV = "ucspi-env"
+XINETD_ENV = "xinetd-env"
+SYSTEMD_ENV = "systemd-env"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    ip: str  # "" when unknown (a pipe with no launcher environment)
+    port: int | None = None
+    hostname: str | None = None  # reverse name, when the launcher or a lookup gave one
+    local_ip: str = ""
+    local_port: int | None = None
+    source: str = UNKNOWN
+    peer_ip: str = ""  # the transport peer: differs from ip behind PROXY or a launcher
+    relay_client: bool = False  # tcprules RELAYCLIENT: may send without AUTH
+    tls_in_front: bool = False  # a TLS terminator (stunnel) encrypted the channel
+    tls: bool = False  # TLS is up on this connection (implicit TLS or after STARTTLS)
+
+    @property
+    def is_loopback(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.ip).is_loopback
+        except ValueError:
+            return False
+
+    def with_changes(self, **changes: object) -> ClientIdentity:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        where = f"[{self.ip}]" if self.ip else "[unknown]"
+        if self.hostname:
+            where = f"{self.hostname} {where}"
+        return where
+
+
+def normalise_ip(text: str | None) -> str:
+    """Canonical text of an address; IPv4-mapped IPv6 becomes plain IPv4."""
+    if not text:
+        return ""
+    text = text.strip().strip("[]")
+    if "%" in text:  # drop an IPv6 zone index
+        text = text.split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def _port(text: object) -> int | None:
+    try:
+        port = int(str(text))
+    except (TypeError, ValueError):
+        return None
+    return port if 0 <= port <= 65535 else None
+
+
+def _split_sockaddr(addr: object) -> tuple[str, int | None]:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return normalise_ip(str(addr[0])), _port(addr[1])
+    return "", None  # AF_UNIX socketpair, pipe
+
+
+def from_socket(peer: object, local: object) -> ClientIdentity:
+    ip, port = _split_sockaddr(peer)
+    local_ip, local_port = _split_sockaddr(local)
+    return ClientIdentity(
+        ip=ip, port=port, local_ip=local_ip, local_port=local_port,
+        source=SOCKET if ip else UNKNOWN, peer_ip=ip,
+    )
+
+
+def from_environment(env: Mapping[str, str], transport: ClientIdentity) -> ClientIdentity:
+    """One-session mode: the launcher's variables describe the real client.
+
+    ucspi-tcp (tcpserver) sets TCPREMOTEIP & co; xinetd and stunnel set
+    REMOTE_HOST (an address despite the name) and stunnel REMOTE_PORT; systemd
+    socket units with Accept=yes set REMOTE_ADDR and REMOTE_PORT.
+    """
+    relay = "RELAYCLIENT" in env
+    ucspi_ip = normalise_ip(env.get("TCPREMOTEIP"))
+    if ucspi_ip:
+        return replace(
+            transport,
+            ip=ucspi_ip,
+            port=_port(env.get("TCPREMOTEPORT")),
+            hostname=env.get("TCPREMOTEHOST") or None,
+            local_ip=normalise_ip(env.get("TCPLOCALIP")) or transport.local_ip,
+            local_port=_port(env.get("TCPLOCALPORT")) or transport.local_port,
+            source=UCSPI_ENV,
+            relay_client=relay,
+        )
+    for var, source in (("REMOTE_HOST", XINETD_ENV), ("REMOTE_ADDR", SYSTEMD_ENV)):
+        ip = normalise_ip(env.get(var))
+        if ip:
+            return replace(
+                transport, ip=ip, port=_port(env.get("REMOTE_PORT")), source=source,
+                relay_client=relay,
+            )
+    return replace(transport, relay_client=relay)
+
+
+def launcher_environment(client: ClientIdentity) -> dict[str, str]:
+    """The ucspi-style variables programs we run (checkpassword, sendmail) expect."""
+    env = {"TCPREMOTEIP": client.ip, "TCPLOCALIP": client.local_ip, "PROTO": "TCP"}
+    if client.port is not None:
+        env["TCPREMOTEPORT"] = str(client.port)
+    if client.local_port is not None:
+        env["TCPLOCALPORT"] = str(client.local_port)
+    if client.hostname:
+        env["TCPREMOTEHOST"] = client.hostname
+    return env

@@ -1,0 +1,28 @@
+"""Shared test helpers: free loopback ports and client identities."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ofmipd.identity import ClientIdentity  # noqa: E402
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def client() -> ClientIdentity:
+    return ClientIdentity(ip="127.0.0.1", port=40000, local_ip="127.0.0.1", local_port=8025,
+                          source="socket", peer_ip="127.0.0.1")
