@@ -9,8 +9,9 @@ configures that backend, and says so differently from an unknown kind.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ofmipd.auth import Authenticator
 from ofmipd.errors import ConfigError
@@ -28,9 +29,13 @@ KINDS: dict[str, tuple[str, str, str]] = {
 
 # -R URL scheme -> kind
 SCHEMES = {
-    "ldap": "ldap", "ldaps": "ldap",
-    "imap": "imap", "imaps": "imap",
-    "pop3": "pop3", "pop3s": "pop3", "apop": "pop3",
+    "ldap": "ldap",
+    "ldaps": "ldap",
+    "imap": "imap",
+    "imaps": "imap",
+    "pop3": "pop3",
+    "pop3s": "pop3",
+    "apop": "pop3",
 }
 
 

@@ -13,8 +13,9 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ofmipd.identity import ClientIdentity
@@ -173,9 +174,7 @@ class Chain:
         if isinstance(name, Outcome):
             return Decision(Verdict.REJECT, None, (Attempt("door", "-", name, 0.0),))
         secret = Secret(password)
-        return await self._ask_each(
-            name, lambda b: b.verify(name, secret, client), try_all=try_all
-        )
+        return await self._ask_each(name, lambda b: b.verify(name, secret, client), try_all=try_all)
 
     async def authenticate_cram_md5(
         self, user: bytes, challenge: bytes, digest: str, client: ClientIdentity
@@ -216,7 +215,7 @@ class Chain:
     async def _contained(self, backend: Authenticator, ask) -> Outcome:  # type: ignore[no-untyped-def]
         try:
             outcome = await asyncio.wait_for(ask(backend), self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return tempfail(f"no answer within {self.timeout:g}s")
         except Exception as error:  # contained: one broken backend must not kill the session
             log.error("backend %s raised", backend.name, exc_info=True)

@@ -8,8 +8,8 @@ tested without a network.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping
 
 # Where the identity came from, most trusted first.
 SOCKET = "socket"
@@ -85,8 +85,12 @@ def from_socket(peer: object, local: object) -> ClientIdentity:
     ip, port = _split_sockaddr(peer)
     local_ip, local_port = _split_sockaddr(local)
     return ClientIdentity(
-        ip=ip, port=port, local_ip=local_ip, local_port=local_port,
-        source=SOCKET if ip else UNKNOWN, peer_ip=ip,
+        ip=ip,
+        port=port,
+        local_ip=local_ip,
+        local_port=local_port,
+        source=SOCKET if ip else UNKNOWN,
+        peer_ip=ip,
     )
 
 
@@ -114,7 +118,10 @@ def from_environment(env: Mapping[str, str], transport: ClientIdentity) -> Clien
         ip = normalise_ip(env.get(var))
         if ip:
             return replace(
-                transport, ip=ip, port=_port(env.get("REMOTE_PORT")), source=source,
+                transport,
+                ip=ip,
+                port=_port(env.get("REMOTE_PORT")),
+                source=source,
                 relay_client=relay,
             )
     return replace(transport, relay_client=relay)

@@ -14,7 +14,8 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("ofmipd.offload")
@@ -66,7 +67,10 @@ class Offload:
         if now - self._warned_at > 10:
             self._warned_at = now
             log.warning(
-                "%s: %d requests waiting for %d busy workers", self.name, self._waiting, self.workers
+                "%s: %d requests waiting for %d busy workers",
+                self.name,
+                self._waiting,
+                self.workers,
             )
 
     def close(self) -> None:

@@ -24,5 +24,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @pytest.fixture
 def client() -> ClientIdentity:
-    return ClientIdentity(ip="127.0.0.1", port=40000, local_ip="127.0.0.1", local_port=8025,
-                          source="socket", peer_ip="127.0.0.1")
+    return ClientIdentity(
+        ip="127.0.0.1",
+        port=40000,
+        local_ip="127.0.0.1",
+        local_port=8025,
+        source="socket",
+        peer_ip="127.0.0.1",
+    )
