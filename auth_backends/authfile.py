@@ -1,0 +1,115 @@
+"""authfile authenticator: tmda-ofmipd's plaintext `user:password` file (mode 0400 or 0600).
+
+Format, as tmda-ofmipd read it: one `user:password` per line, the password being everything
+after the first colon; surrounding whitespace of the line, the name and the password is
+ignored; user names match case-insensitively. Added here: `#` comment lines, and an empty
+password disables the account (tmda denied those too). Since the passwords are plaintext,
+this store can hand them to the chain for CRAM-MD5.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+from auth_backends import BackendSpec
+from auth_backends.watched_file import Unavailable, WatchedFile
+from ofmipd.auth import Lookup, Outcome, Secret, accept, reject, tempfail
+from ofmipd.errors import ConfigError
+from ofmipd.identity import ClientIdentity
+
+log = logging.getLogger("ofmipd.authfile")
+
+ALLOWED_MODES = (0o400, 0o600)  # plaintext passwords: nobody but the owner may read them
+
+# lowercased name -> (name as written in the file, password)
+Users = dict[str, tuple[str, bytes]]
+
+
+def parse(data: bytes, path: str) -> Users:
+    """Bytes of an authfile -> users. Bad lines are skipped with a warning naming only the
+    line number: a line without a colon may well be a password someone pasted."""
+    users: Users = {}
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        name, colon, password = line.partition(b":")
+        try:
+            user = name.strip().decode("utf-8")
+        except UnicodeDecodeError:
+            log.warning("authfile %s line %d: user name is not UTF-8; ignored", path, number)
+            continue
+        if not colon or not user:
+            log.warning("authfile %s line %d: not user:password; ignored", path, number)
+            continue
+        key = user.lower()
+        if key in users:
+            # tmda-ofmipd kept the last one too (a dict filled line by line).
+            log.warning("authfile %s line %d: %s appears again; this line wins", path, number, user)
+        # Passwords stay bytes: clients send bytes, and a Latin-1 file must still match.
+        users[key] = (user, password.strip())
+    return users
+
+
+class AuthFile:
+    name = "authfile"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.target = path
+        self.file = WatchedFile("authfile", path, lambda data: parse(data, path), self._check_mode)
+        try:
+            users = self.file.get()
+        except Unavailable as error:
+            raise ConfigError(str(error)) from None
+        log.info("authfile %s: %d users", path, len(users))
+
+    def _check_mode(self, st: os.stat_result) -> None:
+        mode = stat.S_IMODE(st.st_mode)
+        if mode not in ALLOWED_MODES:
+            raise Unavailable(f"authfile {self.path} has mode {mode:04o}; it must be 0400 or 0600")
+
+    def _find(self, user: str) -> tuple[str, bytes] | Outcome:
+        """The entry for `user`, or the Outcome that says why there is none."""
+        try:
+            users = self.file.get()
+        except Unavailable as error:
+            # A file that vanished or went world-readable is the admin's slip, not the
+            # client's wrong password: "try later" keeps mail queued, not bounced.
+            return tempfail(str(error))
+        entry = users.get(user.lower())
+        if entry is None:
+            return reject(f"no such user in {self.path}")
+        if not entry[1]:
+            return reject(f"empty password for {entry[0]} in {self.path}: login disabled")
+        return entry
+
+    async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
+        entry = self._find(user)
+        if isinstance(entry, Outcome):
+            return entry
+        name, password = entry
+        if secret.matches(password):
+            return accept("password matches", name)
+        return reject(f"password mismatch for {name} in {self.path}")
+
+    async def lookup_plaintext(self, user: str, client: ClientIdentity) -> Lookup:
+        entry = self._find(user)
+        if isinstance(entry, Outcome):
+            return Lookup(entry)
+        name, password = entry
+        return Lookup(accept("found", name), Secret(password))
+
+
+def create(spec: BackendSpec) -> AuthFile:
+    options = dict(spec.options)
+    where = f"-a {spec.arg}" if spec.arg is not None else '[[auth]] kind="authfile"'
+    path = spec.arg if spec.arg is not None else options.pop("path", None)
+    if options:
+        raise ConfigError(f"{where}: unknown setting {sorted(options)[0]!r}")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f'{where}: path must name the user:password file, e.g. path = "..."')
+    # Absolute, because a daemon may change directory after start-up.
+    return AuthFile(os.path.abspath(path))

@@ -1,0 +1,213 @@
+"""htpasswd authenticator: Apache htpasswd files, hashes verified in a bounded worker pool.
+
+Read as Apache's mod_authn_file reads them: `#` comments and blank lines skipped, the user
+name up to the first colon (case-sensitive), the hash up to the next colon, first match
+wins. Hashes are those `htpasswd` writes, recognised by our own CryptContext. libpass's
+ready-made htpasswd_context is not used because it ends in a plaintext scheme that
+accepts anything it does not recognise as a password: `!locked` would "verify" against
+the password `!locked`. Here an unrecognised or malformed hash never matches.
+
+Unknown users and unusable entries cost one verification against a dummy hash of the
+scheme and cost most common in the file, so timing does not tell who exists.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from passlib.context import CryptContext
+
+from auth_backends import BackendSpec
+from auth_backends.watched_file import Unavailable, WatchedFile
+from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
+from ofmipd.errors import ConfigError
+from ofmipd.identity import ClientIdentity
+from ofmipd.offload import Offload, QueueTimeout
+
+log = logging.getLogger("ofmipd.htpasswd")
+
+# What `htpasswd` writes: -B, -m, -s, -2, -5; plus $1$, which Apache accepts through
+# crypt(3). Not DES crypt (-d): it ignores all but 8 characters of the password.
+CONTEXT = CryptContext(
+    schemes=["bcrypt", "apr_md5_crypt", "ldap_sha1", "sha256_crypt", "sha512_crypt", "md5_crypt"]
+)
+BCRYPT_MAX = 72  # bcrypt ignores later bytes; libpass raises instead of truncating
+
+
+@dataclass(frozen=True)
+class Entry:
+    hash: str
+    handler: Any | None  # the libpass handler class; None = unusable, never matches
+
+    def verify(self, password: bytes) -> bool:
+        """True/False; raises ValueError for a password or hash the scheme cannot take."""
+        assert self.handler is not None
+        return bool(self.handler.verify(password, self.hash))
+
+
+@dataclass(frozen=True)
+class Table:
+    users: dict[str, Entry]
+    dummy: Entry | None  # None when no entry is usable: then there is nobody to hide
+
+
+def classify(hash_text: str) -> tuple[Any | None, int | None]:
+    """(handler, rounds) for a hash libpass can verify, else (None, None)."""
+    try:
+        handler = CONTEXT.identify(hash_text, resolve=True, required=False)
+        if handler is None:
+            return None, None
+        parsed = handler.from_string(hash_text)  # identify looks at the prefix only
+    except (ValueError, TypeError):
+        return None, None
+    return handler, getattr(parsed, "rounds", None)
+
+
+def make_dummy(kinds: collections.Counter[tuple[Any, int | None]]) -> Entry | None:
+    """A hash of a random password in the file's most common scheme and cost."""
+    if not kinds:
+        return None
+    (handler, rounds), _ = kinds.most_common(1)[0]
+    maker = handler.using(rounds=rounds) if rounds is not None else handler
+    # Costs one real hash per file load, in a worker thread (loads happen in verify).
+    return Entry(maker.hash(secrets.token_urlsafe(16)), handler)
+
+
+def parse(data: bytes, path: str) -> Table:
+    users: dict[str, Entry] = {}
+    kinds: collections.Counter[tuple[Any, int | None]] = collections.Counter()
+    unusable: list[str] = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        name, colon, rest = line.partition(b":")
+        try:
+            user = name.decode("utf-8")
+        except UnicodeDecodeError:
+            # Only the line number: the line may hold a pasted password.
+            log.warning("htpasswd %s line %d: user name is not UTF-8; ignored", path, number)
+            continue
+        # Hashes are ASCII; anything else becomes U+FFFD, which no scheme accepts.
+        hash_text = rest.partition(b":")[0].decode("ascii", "replace")
+        if not colon or not user:
+            log.warning("htpasswd %s line %d: not user:hash; ignored", path, number)
+            continue
+        if user in users:
+            continue  # mod_authn_file stops at the first match
+        handler, rounds = classify(hash_text)
+        users[user] = Entry(hash_text, handler)
+        if handler is None:
+            unusable.append(user)
+        else:
+            kinds[(handler, rounds)] += 1
+    log.info(
+        "htpasswd %s: %d users, %d with no usable hash%s",
+        path,
+        len(users),
+        len(unusable),
+        f" ({', '.join(unusable[:10])}{', ...' if len(unusable) > 10 else ''})" if unusable else "",
+    )
+    return Table(users, make_dummy(kinds))
+
+
+def check(table: Table, path: str, user: str, password: bytes) -> Outcome:
+    """Blocking: one verification, real or dummy, whatever the answer turns out to be."""
+    entry = table.users.get(user)
+    if entry is None or entry.handler is None:
+        spend(table.dummy, password)
+        if entry is None:
+            return reject(f"no such user in {path}")
+        return reject(f"unusable hash for {user} in {path}")
+    if entry.handler.name == "bcrypt" and len(password) > BCRYPT_MAX:
+        # Apache would compare only the first 72 bytes; we refuse instead of letting any
+        # tail through, but only after the same work as a real check, to keep timing flat.
+        spend(entry, password)
+        return reject(f"password longer than bcrypt's {BCRYPT_MAX} bytes for {user} in {path}")
+    try:
+        matched = entry.verify(password)
+    except ValueError as error:  # PasswordSizeError (> 4 KiB), a hash that parses but is bad
+        return reject(f"cannot verify {user} in {path}: {type(error).__name__}")
+    if matched:
+        return accept("password matches", user)
+    return reject(f"password mismatch for {user} in {path}")
+
+
+def spend(entry: Entry | None, password: bytes) -> None:
+    """Verify against `entry` and ignore the result: time spent, nothing learned."""
+    if entry is None or entry.handler is None:
+        return
+    if entry.handler.name == "bcrypt":
+        password = password[:BCRYPT_MAX]
+    try:
+        entry.verify(password)
+    except ValueError:
+        pass
+
+
+class Htpasswd:
+    name = "htpasswd"
+
+    def __init__(self, path: str, workers: int, timeout: float) -> None:
+        self.path = path
+        self.target = path
+        self._world_readable_warned = False
+        self.file = WatchedFile("htpasswd", path, lambda data: parse(data, path), self._check_mode)
+        try:
+            self.file.get()  # fail at start-up, not at the first login
+        except Unavailable as error:
+            raise ConfigError(str(error)) from None
+        # bcrypt holds the CPU for its whole run: more workers than cores only adds queueing.
+        self.offload = Offload("htpasswd", workers=workers, max_queue_age=timeout)
+
+    def _check_mode(self, st: os.stat_result) -> None:
+        # Not an error: htpasswd files are often group-readable by the web server. But hashes
+        # anyone can read can be attacked offline, so say so once.
+        world = bool(st.st_mode & stat.S_IROTH)
+        if world and not self._world_readable_warned:
+            log.warning(
+                "htpasswd %s is world-readable (mode %04o): local users can copy the hashes",
+                self.path,
+                stat.S_IMODE(st.st_mode),
+            )
+        self._world_readable_warned = world
+
+    def _verify_blocking(self, user: str, password: bytes) -> Outcome:
+        try:
+            table = self.file.get()
+        except Unavailable as error:
+            return tempfail(str(error))
+        return check(table, self.path, user, password)
+
+    async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
+        try:
+            return await self.offload.run(self._verify_blocking, user, secret.reveal())
+        except QueueTimeout as error:
+            return tempfail(str(error))
+
+    async def close(self) -> None:
+        self.offload.close()
+
+
+def create(spec: BackendSpec) -> Htpasswd:
+    options = dict(spec.options)
+    where = f"--htpasswd {spec.arg}" if spec.arg is not None else '[[auth]] kind="htpasswd"'
+    path = spec.arg if spec.arg is not None else options.pop("path", None)
+    workers = options.pop("workers", os.cpu_count() or 2)
+    timeout = options.pop("timeout", 10.0)
+    if options:
+        raise ConfigError(f"{where}: unknown setting {sorted(options)[0]!r}")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f'{where}: path must name the htpasswd file, e.g. path = "..."')
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
+        raise ConfigError(f"{where}: workers must be a whole number from 1 to 256")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"{where}: timeout must be a positive number of seconds")
+    # Absolute, because a daemon may change directory after start-up.
+    return Htpasswd(os.path.abspath(path), workers, float(timeout))

@@ -1,0 +1,131 @@
+"""Remote IMAP login check (-R imap://HOST[:PORT] or imaps://): LOGIN answers the password.
+
+IMAP answers (RFC 3501 §7.1, response codes RFC 5530):
+  tagged OK                         -> ACCEPT
+  tagged NO                         -> REJECT (wrong password, unknown user, expired...)
+  NO [UNAVAILABLE] / [SERVERBUG] /
+     [INUSE] / [LIMIT] / [PRIVACYREQUIRED]
+                                    -> TEMPFAIL: the server could not check, or refuses
+                                       plaintext; the password may well be right
+  tagged BAD                        -> TEMPFAIL: BAD is about the command's syntax, never
+                                       about the credentials, so it means a protocol
+                                       mismatch that the admin must look at
+  greeting BYE, PREAUTH, LOGINDISABLED, garbage, timeout, refused -> TEMPFAIL
+"""
+
+from __future__ import annotations
+
+import re
+
+from auth_backends import BackendSpec
+from auth_backends.ipauthmap import Conversation, ProtocolError, RemoteServer, safe_text
+from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
+from ofmipd.identity import ClientIdentity
+
+SCHEMES = {"imap": (143, False), "imaps": (993, True)}
+TEMPORARY_CODES = {"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "PRIVACYREQUIRED"}
+MAX_LITERAL = 65536
+_TAGGED = re.compile(rb"^a1 (OK|NO|BAD)\b(?: \[([A-Za-z0-9-]+)[^\]]*\])?", re.IGNORECASE)
+_LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}$")
+_CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+
+
+def astring(value: bytes) -> tuple[bytes, bytes | None]:
+    """(text for the command line, literal bytes to send after a continuation or None).
+
+    Printable ASCII without quote or backslash goes as a quoted string; anything else
+    (UTF-8, '"', '\\', control characters) as a synchronising literal, which carries any
+    byte except NUL, CR and LF without escaping rules to get wrong (RFC 3501 §4.3).
+    """
+    if all(32 <= c < 127 and c not in b'"\\' for c in value):
+        return b'"' + value + b'"', None
+    return b"{%d}" % len(value), value
+
+
+async def _response(talk: Conversation) -> bytes:
+    """One response line; literals inside untagged data are read and skipped."""
+    line = await talk.line()
+    # Only untagged data carries literals; a tagged line's text is free text (RFC 3501 §9).
+    while line.startswith(b"* ") and (match := _LITERAL_AT_END.search(line)) is not None:
+        size = int(match.group(1))
+        if size > MAX_LITERAL:
+            raise ProtocolError(f"IMAP literal of {size} bytes")
+        await talk.reader.readexactly(size)
+        line = line[: match.start()] + b'""' + await talk.line()
+    return line
+
+
+async def login(talk: Conversation, user: bytes, password: bytes) -> Outcome:
+    greeting = await _response(talk)
+    word = greeting[:10].upper()
+    if word.startswith(b"* BYE"):
+        return tempfail(f"IMAP server refused the connection: {safe_text(greeting[5:])}")
+    if word.startswith(b"* PREAUTH"):
+        return tempfail("IMAP server greeted PREAUTH, so it cannot check a password")
+    if not word.startswith(b"* OK"):
+        raise ProtocolError(f"not an IMAP greeting: {safe_text(greeting)!r}")
+    capabilities = _CAPABILITY.search(greeting)
+    if capabilities and b"LOGINDISABLED" in capabilities.group(1).upper().split():
+        # Do not send the password: the server says it would refuse it in plaintext.
+        return tempfail("IMAP server advertises LOGINDISABLED (needs TLS: use imaps://)")
+
+    pending = b"a1 LOGIN"
+    for text, literal in (astring(user), astring(password)):
+        pending += b" " + text
+        if literal is None:
+            continue
+        await talk.send(pending + b"\r\n")
+        answer = await _until_continuation(talk)
+        if answer is not None:  # the server refused the command before the literal
+            return answer
+        pending = literal
+    await talk.send(pending + b"\r\n")
+    while True:
+        line = await _response(talk)
+        if line.startswith(b"* "):
+            continue  # untagged data (CAPABILITY, BYE before closing...)
+        return _verdict(line)
+
+
+async def _until_continuation(talk: Conversation) -> Outcome | None:
+    while True:
+        line = await _response(talk)
+        if line.startswith(b"+"):
+            return None
+        if not line.startswith(b"* "):
+            return _verdict(line)
+
+
+def _verdict(line: bytes) -> Outcome:
+    # Only the status and the response-code atom are reported: the server's free text
+    # after we sent a password could echo it.
+    match = _TAGGED.match(line)
+    if match is None:
+        raise ProtocolError("unexpected IMAP response to LOGIN")
+    status = match.group(1).upper().decode()
+    code = (match.group(2) or b"").upper().decode()
+    said = f"IMAP {status} [{code}]" if code else f"IMAP {status}"
+    if status == "OK":
+        return accept(f"{said} to LOGIN")
+    if status == "BAD":
+        return tempfail(f"{said}: server did not accept the LOGIN command")
+    if code in TEMPORARY_CODES:
+        return tempfail(f"{said} to LOGIN")
+    return reject(f"{said} to LOGIN")
+
+
+class ImapLogin:
+    """Asks a remote IMAP server whether user and password log in."""
+
+    name = "imap"
+
+    def __init__(self, server: RemoteServer) -> None:
+        self.server = server
+        self.target = server.target
+
+    async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
+        return await self.server.converse(client, user, secret, login, b"a2 LOGOUT\r\n")
+
+
+def create(spec: BackendSpec) -> ImapLogin:
+    return ImapLogin(RemoteServer.from_spec(spec, SCHEMES))

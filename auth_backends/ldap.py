@@ -1,0 +1,433 @@
+"""LDAP authenticator: a simple bind as a DN template, or search-then-bind, via python-ldap.
+
+Two ways to find the DN to bind as:
+- DN template (tmda-ofmipd `-R ldap://HOST[:PORT]/uid=%s,ou=people,dc=example,dc=org`):
+  the user name, DN-escaped, replaces every `%s`.
+- search-then-bind (TOML): a service account (or anonymous) searches `base` with `filter`
+  (the user name filter-escaped); exactly one entry must match, and its DN is bound with the
+  user's password on a separate, short-lived connection. Service connections are pooled and
+  replaced when their server went away.
+
+python-ldap blocks, so every call runs in this backend's Offload pool. Several URIs give
+failover: an outage or timeout at one server moves on to the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import ldap  # python-ldap
+import ldap.dn
+import ldap.filter
+
+from auth_backends import BackendSpec
+from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
+from ofmipd.errors import ConfigError
+from ofmipd.identity import ClientIdentity
+from ofmipd.offload import Offload, QueueTimeout
+
+log = logging.getLogger("ofmipd.ldap")
+T = TypeVar("T")
+
+# RFC 4511 §4.1.9 result names; negative codes are libldap's client-side errors.
+RESULT_NAMES = {
+    1: "operationsError", 2: "protocolError", 3: "timeLimitExceeded", 4: "sizeLimitExceeded",
+    7: "authMethodNotSupported", 8: "strongerAuthRequired", 10: "referral",
+    11: "adminLimitExceeded", 12: "unavailableCriticalExtension", 13: "confidentialityRequired",
+    32: "noSuchObject", 34: "invalidDNSyntax", 48: "inappropriateAuthentication",
+    49: "invalidCredentials", 50: "insufficientAccessRights", 51: "busy", 52: "unavailable",
+    53: "unwillingToPerform", 54: "loopDetect", 80: "other",
+    -1: "serverDown", -2: "localError", -3: "encodingError", -4: "decodingError", -5: "timeout",
+    -6: "authUnknown", -7: "filterError", -9: "paramError", -10: "noMemory", -11: "connectError",
+    -12: "notSupported",
+}  # fmt: skip
+# The server's answer about this user. invalidDNSyntax can only come from the user name:
+# the template itself is parsed at start-up. Everything else is an outage or a setup
+# problem, and the client must hear "try later" because the directory might have said yes.
+REJECTING = frozenset({"invalidCredentials", "noSuchObject", "invalidDNSyntax"})
+# A pooled connection failing like this has lost its server (restart, idle timeout).
+BROKEN = (ldap.SERVER_DOWN, ldap.CONNECT_ERROR)
+SCOPES = {"base": ldap.SCOPE_BASE, "one": ldap.SCOPE_ONELEVEL, "sub": ldap.SCOPE_SUBTREE}
+DEFAULT_FILTER = "(uid=%s)"
+
+
+class ServiceRefused(ldap.LDAPError):
+    """The service account's own bind was refused: our setup, never the user's password."""
+
+
+def result_name(error: ldap.LDAPError) -> str:
+    if isinstance(error, ServiceRefused):
+        return str(error.args[0])
+    details = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
+    code = details.get("result")
+    if isinstance(code, int) and code in RESULT_NAMES:
+        return RESULT_NAMES[code]
+    # TIMEOUT carries no details; make INVALID_CREDENTIALS-style class names camelCase.
+    head, *rest = type(error).__name__.lower().split("_")
+    return head + "".join(word.capitalize() for word in rest)
+
+
+class Answer(Exception):
+    """Stop here with this outcome (a definitive REJECT, or TEMPFAIL after every server)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class Settings:
+    uris: tuple[str, ...]
+    dn_template: str | None = None  # set: direct bind; None: search-then-bind
+    bind_dn: str | None = None  # the service account; None searches anonymously
+    bind_password: str = ""
+    base: str = ""
+    scope: str = "sub"
+    filter: str = DEFAULT_FILTER
+    starttls: bool = False
+    ca_file: str | None = None
+    network_timeout: float = 5.0
+    timeout: float = 10.0
+    workers: int = 4
+
+
+class LdapAuth:
+    name = "ldap"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        servers = " ".join(settings.uris)
+        if settings.dn_template is not None:
+            self.target = f"{servers} {settings.dn_template}"
+        else:
+            self.target = f"{servers} {settings.scope} {settings.base} {settings.filter}"
+        self.offload = Offload("ldap", workers=settings.workers, max_queue_age=settings.timeout)
+        self._pool: dict[str, list[Any]] = {uri: [] for uri in settings.uris}
+        self._lock = threading.Lock()
+        self._preferred = settings.uris[0]  # the last server that answered
+
+    async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
+        password = secret.reveal()
+        if not password:
+            # RFC 4513 §5.1.2: a DN with an empty password is an unauthenticated bind,
+            # which many servers answer with success.
+            return reject("empty password refused (RFC 4513 unauthenticated bind)")
+        try:
+            return await self.offload.run(self._verify, user, password)
+        except QueueTimeout as error:
+            return tempfail(str(error))
+
+    def _verify(self, user: str, password: bytes) -> Outcome:
+        """Blocking: find the DN, bind as it."""
+        try:
+            if self.settings.dn_template is not None:
+                dn = self.settings.dn_template.replace("%s", ldap.dn.escape_dn_chars(user))
+            else:
+                dn = self._on_any_server(lambda uri: self._find(uri, user))
+            self._on_any_server(lambda uri: self._bind_as(uri, dn, password))
+        except Answer as answer:
+            return answer.outcome
+        return accept(f"LDAP bind as {dn}")
+
+    def _servers(self) -> list[str]:
+        # Start with the server that answered last, so a dead first server costs its
+        # network timeout once, not on every login.
+        uris = list(self.settings.uris)
+        first = uris.index(self._preferred)
+        return uris[first:] + uris[:first]
+
+    def _on_any_server(self, work: Callable[[str], T]) -> T:
+        failures = []
+        for uri in self._servers():
+            try:
+                result = work(uri)
+            except ldap.LDAPError as error:
+                name = result_name(error)
+                if name in REJECTING:
+                    raise Answer(reject(f"LDAP {name}")) from None
+                log.warning("LDAP %s at %s", name, uri)
+                failures.append(f"LDAP {name} at {uri}")
+                continue
+            self._preferred = uri
+            return result
+        raise Answer(tempfail("; ".join(failures)))
+
+    def _connect(self, uri: str) -> Any:
+        """A new connection with timeouts and TLS set; TCP connects on first use."""
+        s = self.settings
+        conn = ldap.initialize(uri)
+        conn.set_option(ldap.OPT_PROTOCOL_VERSION, ldap.VERSION3)
+        conn.set_option(ldap.OPT_REFERRALS, 0)  # never bind our password at a referred host
+        conn.set_option(ldap.OPT_NETWORK_TIMEOUT, s.network_timeout)  # TCP connect
+        conn.set_option(ldap.OPT_TIMEOUT, s.timeout)  # each synchronous operation
+        conn.timeout = s.timeout  # python-ldap's own wait in the *_s methods
+        if s.starttls or uri.lower().startswith("ldaps:"):
+            conn.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
+            if s.ca_file:
+                conn.set_option(ldap.OPT_X_TLS_CACERTFILE, s.ca_file)
+            conn.set_option(ldap.OPT_X_TLS_NEWCTX, 0)  # per-connection TLS context, set last
+        if s.starttls:
+            try:
+                conn.start_tls_s()
+            except ldap.LDAPError:
+                _close(conn)
+                raise
+        return conn
+
+    def _bind_as(self, uri: str, dn: str, password: bytes) -> None:
+        # A fresh connection per user bind: a pooled one would change identity under
+        # whoever uses it next, and a failed bind must not leave state behind.
+        conn = self._connect(uri)
+        try:
+            conn.simple_bind_s(dn, password)
+        finally:
+            _close(conn)
+
+    def _find(self, uri: str, user: str) -> str:
+        """The one DN the search finds for `user`, via a pooled service connection."""
+        s = self.settings
+        query = s.filter.replace("%s", ldap.filter.escape_filter_chars(user))
+        conn, reused = self._service_connection(uri)
+        try:
+            found = self._search(conn, query)
+        except BROKEN:
+            if not reused:
+                raise
+            # The server restarted or dropped the idle connection: one fresh try.
+            conn, _ = self._service_connection(uri, fresh=True)
+            found = self._search(conn, query)
+        with self._lock:
+            self._pool[uri].append(conn)
+        if not found:
+            raise Answer(reject("LDAP search found no such user"))
+        if len(found) > 1:
+            raise Answer(reject("LDAP search ambiguous: more than one entry matches"))
+        return found[0]
+
+    def _search(self, conn: Any, query: str) -> list[str]:
+        s = self.settings
+        try:
+            # sizelimit 1: a second match is all we need to know to refuse.
+            results = conn.search_ext_s(
+                s.base, SCOPES[s.scope], query, ["1.1"], timeout=s.timeout, sizelimit=1
+            )
+        except ldap.SIZELIMIT_EXCEEDED:
+            return ["", ""]
+        except ldap.LDAPError:
+            _close(conn)  # after a timeout its state is unknown
+            raise
+        return [dn for dn, _ in results if dn is not None]  # skip search references
+
+    def _service_connection(self, uri: str, fresh: bool = False) -> tuple[Any, bool]:
+        """A bound service connection: (connection, whether it was reused from the pool)."""
+        if not fresh:
+            with self._lock:
+                if self._pool[uri]:
+                    return self._pool[uri].pop(), True
+        s = self.settings
+        conn = self._connect(uri)
+        try:
+            if s.bind_dn is not None:
+                conn.simple_bind_s(s.bind_dn, s.bind_password)
+        except ldap.LDAPError as error:
+            _close(conn)
+            name = result_name(error)
+            if name in REJECTING:
+                raise ServiceRefused(f"{name} for the service account {s.bind_dn}") from None
+            raise
+        return conn, False
+
+    async def close(self) -> None:
+        with self._lock:
+            connections = [conn for pool in self._pool.values() for conn in pool]
+            for pool in self._pool.values():
+                pool.clear()
+        for conn in connections:
+            _close(conn)
+        self.offload.close()
+
+
+def _close(conn: Any) -> None:
+    try:
+        conn.unbind_ext_s()
+    except ldap.LDAPError:
+        pass
+
+
+# ---- configuration ----
+
+OPTIONS = frozenset(
+    {
+        "uri", "dn_template", "bind_dn", "bind_password_file", "base", "scope", "filter",
+        "starttls", "ca_file", "network_timeout", "timeout", "workers",
+    }
+)  # fmt: skip
+
+
+def create(spec: BackendSpec) -> LdapAuth:
+    options = dict(spec.options)
+    where = f"-R {spec.arg}" if spec.arg is not None else '[[auth]] kind="ldap"'
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+    if spec.arg is not None:
+        if "uri" in options or "dn_template" in options:
+            raise ConfigError(f"{where}: the URL already gives the server and DN template")
+        uri, options["dn_template"] = _split_flag_url(spec.arg, where)
+        options["uri"] = uri
+    return LdapAuth(_settings(options, where))
+
+
+def _split_flag_url(url: str, where: str) -> tuple[str, str]:
+    """ldap://HOST[:PORT]/DN-TEMPLATE -> ("ldap://HOST[:PORT]", template), URL-decoded."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or "?" in url:
+        raise ConfigError(f"{where}: LDAP URL query parts are not supported; write /DN-TEMPLATE")
+    server = f"{parts.scheme}://{parts.netloc}"
+    _check_uri(server, where)
+    return server, unquote(parts.path[1:])
+
+
+def _check_uri(uri: str, where: str) -> None:
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("ldap", "ldaps"):
+        raise ConfigError(f"{where}: {uri!r} is not an ldap:// or ldaps:// URL")
+    if not parts.hostname:
+        raise ConfigError(f"{where}: {uri!r} names no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {uri!r}: give the DN as dn_template, not in the URL")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"{where}: {uri!r} has a bad port") from None
+
+
+def _settings(options: Mapping[str, Any], where: str) -> Settings:
+    raw_uris = options.get("uri")
+    uris: Sequence[Any] = [raw_uris] if isinstance(raw_uris, str) else raw_uris or []
+    if not uris or not all(isinstance(u, str) for u in uris):
+        raise ConfigError(f'{where}: uri must be "ldap://HOST[:PORT]" or a list of them')
+    for uri in uris:
+        _check_uri(uri, where)
+    uris = tuple(u.rstrip("/") for u in uris)
+    if len(set(uris)) != len(uris):
+        raise ConfigError(f"{where}: uri lists a server twice")
+
+    template = _text(options, "dn_template", where)
+    base = _text(options, "base", where)
+    if (template is None) == (base is None):
+        raise ConfigError(f"{where}: give either dn_template or base (search-then-bind)")
+    search_only = ("bind_dn", "bind_password_file", "scope", "filter")
+    if template is not None:
+        for key in search_only:
+            if key in options:
+                raise ConfigError(f"{where}: {key} is for search-then-bind, not dn_template")
+        if "%s" not in template:
+            raise ConfigError(f"{where}: DN template {template!r} has no %s for the user name")
+        _check_dn(template.replace("%s", "user"), f"{where}: DN template {template!r}")
+    else:
+        assert base is not None
+        _check_dn(base, f"{where}: base {base!r}")
+
+    bind_dn = _text(options, "bind_dn", where)
+    password_file = _text(options, "bind_password_file", where)
+    bind_password = ""
+    if (bind_dn is None) != (password_file is None):
+        raise ConfigError(f"{where}: bind_dn and bind_password_file go together")
+    if bind_dn is not None and password_file is not None:
+        _check_dn(bind_dn, f"{where}: bind_dn {bind_dn!r}")
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                bind_password = f.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{where}: bind_password_file {password_file}: {error}") from None
+        if not bind_password:
+            # Empty would be an unauthenticated bind (RFC 4513 §5.1.2), not a service login.
+            raise ConfigError(f"{where}: bind_password_file {password_file} is empty")
+
+    scope = options.get("scope", "sub")
+    if scope not in SCOPES:
+        raise ConfigError(f'{where}: scope must be "sub", "one" or "base"')
+    query = _text(options, "filter", where) or DEFAULT_FILTER
+    if "%s" not in query:
+        raise ConfigError(f"{where}: filter {query!r} has no %s for the user name")
+    if not _balanced(query):
+        raise ConfigError(f"{where}: filter {query!r} is not a parenthesised LDAP filter")
+
+    starttls = options.get("starttls", False)
+    if not isinstance(starttls, bool):
+        raise ConfigError(f"{where}: starttls must be true or false")
+    if starttls and any(u.lower().startswith("ldaps:") for u in uris):
+        raise ConfigError(f"{where}: starttls with ldaps:// would start TLS twice")
+    ca_file = _text(options, "ca_file", where)
+    if ca_file is not None:
+        if not starttls and not any(u.lower().startswith("ldaps:") for u in uris):
+            raise ConfigError(f"{where}: ca_file needs starttls = true or an ldaps:// uri")
+        if not os.path.isfile(ca_file) or not os.access(ca_file, os.R_OK):
+            raise ConfigError(f"{where}: ca_file {ca_file} is not a readable file")
+
+    network_timeout = _seconds(options, "network_timeout", 5.0, where)
+    timeout = _seconds(options, "timeout", 10.0, where)
+    workers = options.get("workers", 4)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
+        raise ConfigError(f"{where}: workers must be a whole number from 1 to 256")
+    return Settings(
+        uris=uris,
+        dn_template=template,
+        bind_dn=bind_dn,
+        bind_password=bind_password,
+        base=base or "",
+        scope=scope,
+        filter=query,
+        starttls=starttls,
+        ca_file=ca_file,
+        network_timeout=network_timeout,
+        timeout=timeout,
+        workers=workers,
+    )
+
+
+def _text(options: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = options.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"{where}: {key} must be a non-empty string")
+    return value
+
+
+def _seconds(options: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
+        raise ConfigError(f"{where}: {key} must be a number of seconds above 0")
+    return float(value)
+
+
+def _check_dn(dn: str, what: str) -> None:
+    try:
+        ldap.dn.str2dn(dn)
+    except ldap.DECODING_ERROR:
+        raise ConfigError(f"{what} is not a valid DN") from None
+
+
+def _balanced(query: str) -> bool:
+    if not (query.startswith("(") and query.endswith(")")):
+        return False
+    depth = 0
+    escaped = False
+    for char in query:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0

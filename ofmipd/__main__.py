@@ -1,0 +1,7 @@
+"""python -m ofmipd"""
+
+import sys
+
+from ofmipd.cli import main
+
+sys.exit(main())

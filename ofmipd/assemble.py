@@ -1,0 +1,155 @@
+"""Configuration to live objects: the only construction path.
+
+The daemon, one-session mode, --check-config and ofmipd-authtest all call
+build_app(), so what the admin tests is what the server runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import auth_backends
+from ofmipd.auth import Chain
+from ofmipd.config import Config
+from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
+from ofmipd.errors import ConfigError
+
+
+def default_hostname() -> str:
+    # Worked out once at start-up; never a DNS lookup per connection.
+    name = socket.gethostname()
+    if "." not in name:
+        try:
+            fqdn = socket.getfqdn(name)
+        except OSError:
+            fqdn = name
+        if "." in fqdn and not fqdn.startswith("localhost"):
+            name = fqdn
+    return name
+
+
+@dataclass
+class App:
+    config: Config
+    hostname: str
+    chain: Chain
+    delivery: Delivery
+    mechanisms: tuple[str, ...]
+    starttls_context: ssl.SSLContext | None = None
+    implicit_tls_context: ssl.SSLContext | None = None
+    rules: Any | None = None
+    proxy_trust: Any | None = None
+    proxy_timeout: float = 10.0
+    reverse_dns: bool = True
+    instance_id: str = field(default_factory=lambda: secrets.token_hex(2))
+
+    @property
+    def handler(self) -> Any:
+        from ofmipd.smtp import SubmissionHandler
+
+        if not hasattr(self, "_handler"):
+            self._handler = SubmissionHandler(self)
+        return self._handler
+
+    def describe(self) -> str:
+        config = self.config
+        lines = [f"configuration: {config.source} (ok)", f"hostname: {self.hostname}"]
+        if config.one_session:
+            lines.append("mode: one session on stdin/stdout")
+        else:
+            lines.append(
+                "listen: "
+                + ", ".join(str(x) for x in config.listeners)
+                + f" (connections {config.connections})"
+            )
+        tls = (
+            "implicit (--ssl)"
+            if config.ssl
+            else (f"STARTTLS {config.tls}" if config.tls else "off")
+        )
+        if config.tls_in_front:
+            tls += ", TLS terminated in front"
+        lines.append(f"tls: {tls}")
+        lines.append(
+            f"rules: {len(self.rules) if self.rules is not None else 0}"
+            + (f" from {config.rules}" if config.rules else "")
+        )
+        lines.append(f"mechanisms: {' '.join(self.mechanisms)}")
+        lines.append("authenticators (in order):")
+        for number, backend in enumerate(self.chain.backends, 1):
+            lines.append(f"  {number}. {backend.name} {backend.target}")
+        lines.append(
+            f"delivery: {self.delivery.target.name} {describe_target(self.delivery.target)}"
+        )
+        if config.throttle_script:
+            lines.append(f"throttle script: {config.throttle_script}")
+        return "\n".join(lines)
+
+
+def describe_target(target: Target) -> str:
+    if isinstance(target, MaildirTarget):
+        return target.path
+    if isinstance(target, SendmailTarget):
+        return " ".join(target.argv)
+    return ""
+
+
+def build_chain(config: Config) -> Chain:
+    return Chain([auth_backends.create(spec) for spec in config.auth], timeout=config.auth_timeout)
+
+
+def build_delivery(config: Config) -> Delivery:
+    target: Target
+    if config.maildir:
+        try:
+            target = MaildirTarget(config.maildir)
+        except OSError as error:
+            raise ConfigError(f"--maildir {config.maildir}: {error.strerror}") from None
+    else:
+        program = config.sendmail_program
+        target = SendmailTarget(program, config.delivery_timeout)
+        executable = target.argv[0] if target.argv else ""
+        if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
+            raise ConfigError(f"sendmail program {executable!r} is not an executable file")
+    if config.throttle_script and not os.access(config.throttle_script, os.X_OK):
+        raise ConfigError(f"--throttle-script {config.throttle_script}: not executable")
+    return Delivery(target, config.throttle_script, config.delivery_timeout)
+
+
+def build_rules(config: Config) -> Any | None:
+    if not config.rules:
+        return None
+    from ofmipd.rules import Rules
+
+    return Rules.from_file(config.rules)
+
+
+def build_app(config: Config) -> App:
+    chain = build_chain(config)
+    mechanisms = ("PLAIN", "LOGIN") + (("CRAM-MD5",) if chain.supports_cram_md5 else ())
+    app = App(
+        config=config,
+        hostname=config.hostname or default_hostname(),
+        chain=chain,
+        delivery=build_delivery(config),
+        mechanisms=mechanisms,
+    )
+    if config.ssl or config.tls:
+        from ofmipd.tls import server_context
+
+        context = server_context(config.ssl_cert, config.ssl_key, config.ciphers)
+        if config.ssl:
+            app.implicit_tls_context = context
+        else:
+            app.starttls_context = context
+    app.rules = build_rules(config)
+    if config.proxy_protocol:
+        from ofmipd.proxy import TrustedProxies
+
+        app.proxy_trust = TrustedProxies.parse(",".join(config.proxy_protocol))
+    return app

@@ -1,0 +1,295 @@
+"""The `ofmipd` command: flags (tmda-ofmipd's, plus new ones) to Config, and exit codes.
+
+Exit 0 on a clean stop, 2 with one line on stderr for any configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import sys
+from typing import Any
+
+from ofmipd import __version__, logs
+from ofmipd.config import Config, backend_from_flag, load_toml, merge, parse_listen, validate
+from ofmipd.errors import ConfigError
+
+# tmda-ofmipd options that concern TMDA's address tagging, which ofmipd does not do.
+TMDA_ONLY = {"configdir", "pure_proxy", "vhome_script", "vdomains_path", "fallback"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2 like every other config error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _AuthFlag(argparse.Action):
+    """Collects every authenticator flag into one list, in command-line order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        flags = list(getattr(namespace, "auth_flags", None) or [])
+        flags.append((self.dest, values))
+        namespace.auth_flags = flags
+
+
+def add_auth_options(parser: argparse.ArgumentParser) -> None:
+    """Authenticator and config options, shared with ofmipd-authtest."""
+    group = parser.add_argument_group("authentication (tried in the order given)")
+    group.add_argument(
+        "-a",
+        "--authfile",
+        dest="authfile",
+        action=_AuthFlag,
+        metavar="FILE",
+        help="user:password file, mode 0400 or 0600",
+    )
+    group.add_argument(
+        "--htpasswd",
+        dest="htpasswd",
+        action=_AuthFlag,
+        metavar="FILE",
+        help="Apache htpasswd file (bcrypt, apr1, SHA, sha256/512-crypt)",
+    )
+    group.add_argument(
+        "-A",
+        "--authprog",
+        dest="authprog",
+        action=_AuthFlag,
+        metavar="PROGRAM",
+        help='checkpassword program and arguments, e.g. "checkpassword-pam -s id -- /bin/true"',
+    )
+    group.add_argument(
+        "-m",
+        "--pamauth",
+        dest="pamauth",
+        action=_AuthFlag,
+        metavar="SERVICE",
+        help="PAM service name",
+    )
+    group.add_argument(
+        "-R",
+        "--remoteauth",
+        dest="remoteauth",
+        action=_AuthFlag,
+        metavar="URL",
+        help="ldap[s]://host[:port]/uid=%%s,dc=..., imap[s]://host[:port], "
+        "pop3://host[:port], apop://host[:port]",
+    )
+    group.add_argument(
+        "-F",
+        "--fallback",
+        action="store_true",
+        help="accepted for tmda-ofmipd compatibility; every backend is a fallback",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration (flags win)")
+    parser.set_defaults(auth_flags=[])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="ofmipd",
+        description="Authenticated SMTP submission front-end (successor of tmda-ofmipd).",
+    )
+    parser.add_argument("--version", action="version", version=f"ofmipd {__version__}")
+    parser.add_argument("-V", action="version", version=f"ofmipd {__version__}")
+    general = parser.add_argument_group("general")
+    general.add_argument(
+        "-d",
+        "--debug",
+        action="store_true",
+        default=None,
+        help="protocol trace (AUTH payloads and passwords redacted)",
+    )
+    general.add_argument(
+        "-L",
+        "--log",
+        action="store_true",
+        default=None,
+        help="log sessions and authentications to stderr",
+    )
+    general.add_argument("--syslog", action="store_true", default=None, help="log to syslog")
+    general.add_argument(
+        "-b",
+        "--background",
+        action="store_true",
+        default=None,
+        help="detach and run in the background",
+    )
+    general.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground (the default)"
+    )
+    general.add_argument(
+        "-u", "--username", metavar="USER", help="drop privileges to USER after binding"
+    )
+    general.add_argument(
+        "--hostname",
+        metavar="FQDN",
+        help="name in the banner and Received header (default: this host's FQDN)",
+    )
+    general.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print it, exit 0 or 2",
+    )
+    conn = parser.add_argument_group("connections")
+    conn.add_argument(
+        "-p",
+        "--proxyport",
+        action="append",
+        metavar="HOST:PORT",
+        default=[],
+        help="listen here (repeatable; default 127.0.0.1:8025)",
+    )
+    conn.add_argument(
+        "-6",
+        "--ipv6proxyport",
+        action="append",
+        metavar="HOST:PORT",
+        default=[],
+        help="listen on an IPv6 address (repeatable), e.g. [::1]:8025",
+    )
+    conn.add_argument(
+        "-C",
+        "--connections",
+        type=int,
+        metavar="N",
+        help="simultaneous sessions (default 20); more clients wait",
+    )
+    conn.add_argument(
+        "-1",
+        "--one-session",
+        action="store_true",
+        default=None,
+        help="one SMTP session on stdin/stdout (inetd, tcpserver, stunnel, systemd)",
+    )
+    conn.add_argument("--rules", metavar="FILE", help="host-based access rules")
+    conn.add_argument(
+        "--proxy-protocol",
+        metavar="CIDR[,CIDR...]",
+        help="expect a PROXY v1/v2 header from these peers",
+    )
+    conn.add_argument(
+        "--tls-in-front",
+        action="store_true",
+        default=None,
+        help="a TLS terminator (stunnel) already encrypts the channel",
+    )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument(
+        "--ssl",
+        action="store_true",
+        default=None,
+        help="implicit TLS from the first byte (port 465)",
+    )
+    tls.add_argument(
+        "--tls",
+        metavar="MODE",
+        choices=("optional", "localoptional", "on"),
+        help="offer STARTTLS: optional, localoptional or on",
+    )
+    tls.add_argument("--ssl-cert", metavar="FILE", help="PEM certificate (chain; may hold the key)")
+    tls.add_argument("--ssl-key", metavar="FILE", help="PEM private key")
+    tls.add_argument("--ciphers", metavar="LIST", help="OpenSSL cipher list for TLS 1.2")
+    delivery = parser.add_argument_group("delivery")
+    delivery.add_argument(
+        "--sendmail",
+        metavar="PROGRAM",
+        help="injector (default $OFMIPD_SENDMAIL, $TMDA_SENDMAIL_PROGRAM, /usr/sbin/sendmail)",
+    )
+    delivery.add_argument("--maildir", metavar="DIR", help="deliver into this Maildir instead")
+    delivery.add_argument(
+        "-t",
+        "--throttle-script",
+        metavar="PATH",
+        help="run with the user name before delivery; non-zero exit refuses",
+    )
+    add_auth_options(parser)
+    tmda = parser.add_argument_group("accepted for tmda-ofmipd compatibility, no effect")
+    tmda.add_argument("-c", "--configdir", help=argparse.SUPPRESS)
+    tmda.add_argument("-P", "--pure-proxy", action="store_true", help=argparse.SUPPRESS)
+    tmda.add_argument("-S", "--vhome-script", help=argparse.SUPPRESS)
+    tmda.add_argument("-v", "--vdomains-path", help=argparse.SUPPRESS)
+    return parser
+
+
+def auth_specs(args: argparse.Namespace) -> tuple[Any, ...]:
+    return tuple(backend_from_flag(flag, value) for flag, value in args.auth_flags)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    base = load_toml(args.config) if args.config else Config()
+    listen = tuple(parse_listen(x) for x in args.proxyport) + tuple(
+        parse_listen(x, ipv6=True) for x in args.ipv6proxyport
+    )
+    proxies = tuple(x for x in (args.proxy_protocol or "").split(",") if x.strip())
+    flags = {
+        "listen": listen,
+        "one_session": args.one_session,
+        "connections": args.connections,
+        "background": args.background,
+        "username": args.username,
+        "hostname": args.hostname,
+        "debug": args.debug,
+        "log": args.log,
+        "syslog": args.syslog,
+        "auth": auth_specs(args),
+        "sendmail": args.sendmail,
+        "maildir": args.maildir,
+        "throttle_script": args.throttle_script,
+        "ssl": args.ssl,
+        "tls": args.tls,
+        "ssl_cert": args.ssl_cert,
+        "ssl_key": args.ssl_key,
+        "ciphers": args.ciphers,
+        "tls_in_front": args.tls_in_front,
+        "rules": args.rules,
+        "proxy_protocol": proxies,
+    }
+    return validate(merge(base, flags))
+
+
+def fail(message: str) -> int:
+    print(f"ofmipd: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ignored = sorted(name for name in TMDA_ONLY if getattr(args, name, None))
+    if ignored:
+        print(
+            f"ofmipd: note: tmda-ofmipd option(s) {', '.join(ignored)} have no effect here",
+            file=sys.stderr,
+        )
+    # Start-up messages wait until logging is set up; a ConfigError replaces them all.
+    early = logging.handlers.MemoryHandler(capacity=10000, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(early)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        config = config_from_args(args)
+        from ofmipd.assemble import build_app
+
+        app = build_app(config)
+    except ConfigError as error:
+        return fail(str(error))
+    finally:
+        logging.getLogger().removeHandler(early)
+    logs.replay_later(early.buffer)
+    if args.check_config:
+        print(app.describe())
+        return 0
+    if config.one_session:
+        from ofmipd.stdio import serve_one_session
+
+        return serve_one_session(app)
+    from ofmipd.listeners import serve_daemon
+
+    return serve_daemon(app, config_loader=lambda: config_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

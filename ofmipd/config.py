@@ -1,0 +1,231 @@
+"""Configuration as frozen dataclasses, from TOML merged with command-line flags.
+
+Flags win over the file. Backends keep the order they were given in. Every
+problem becomes one ConfigError line; ofmipd prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from auth_backends import BackendSpec, kind_for_url
+from ofmipd.errors import ConfigError
+
+TLS_MODES = ("optional", "localoptional", "on")
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[Listen, ...] = ()
+    one_session: bool = False
+    connections: int = 20
+    background: bool = False
+    username: str | None = None
+    hostname: str | None = None
+    debug: bool = False
+    log: bool = False
+    syslog: bool = False
+    auth: tuple[BackendSpec, ...] = ()
+    auth_timeout: float = 30.0
+    sendmail: str | None = None
+    maildir: str | None = None
+    throttle_script: str | None = None
+    delivery_timeout: float = 300.0
+    ssl: bool = False
+    tls: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+    ciphers: str | None = None
+    tls_in_front: bool = False
+    rules: str | None = None
+    proxy_protocol: tuple[str, ...] = ()
+    size_limit: int = 35 * 1024 * 1024
+    idle_timeout: float = 300.0
+    max_recipients: int = 100
+    source: str = "command line"
+
+    @property
+    def listeners(self) -> tuple[Listen, ...]:
+        return self.listen or (Listen("127.0.0.1", 8025),)
+
+    @property
+    def sendmail_program(self) -> str:
+        return (
+            self.sendmail
+            or os.environ.get("OFMIPD_SENDMAIL")
+            or os.environ.get("TMDA_SENDMAIL_PROGRAM")
+            or "/usr/sbin/sendmail"
+        )
+
+
+def parse_listen(text: str, *, ipv6: bool = False) -> Listen:
+    """HOST:PORT, [V6]:PORT, or (for -6, as tmda-ofmipd took it) V6:PORT."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"listen address {text!r}: expected [ADDRESS]:PORT")
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+    else:
+        raise ConfigError(f"listen address {text!r}: expected HOST:PORT")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"listen address {text!r}: bad port {port!r}")
+    if ipv6 and ":" not in host and host not in ("", "localhost"):
+        raise ConfigError(f"-6 {text!r}: {host} is not an IPv6 address")
+    return Listen(host or ("::" if ipv6 else "0.0.0.0"), int(port))
+
+
+def backend_from_flag(flag: str, value: str) -> BackendSpec:
+    kind = {
+        "authfile": "authfile",
+        "htpasswd": "htpasswd",
+        "authprog": "checkpassword",
+        "pamauth": "pam",
+    }.get(flag)
+    if flag == "remoteauth":
+        kind = kind_for_url(value)
+    if kind is None:
+        raise ConfigError(f"unknown authentication option --{flag}")
+    return BackendSpec(kind=kind, arg=value)
+
+
+def load_toml(path: str) -> Config:
+    import tomllib  # only configurations that use a file pay for the parser
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"config {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config {path}: {error}") from None
+    return from_mapping(data, source=path)
+
+
+def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = table.pop(key, None)
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(f"{where}: {key} must be {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def from_mapping(data: dict[str, Any], *, source: str) -> Config:
+    """Turn a parsed TOML document into a Config; unknown keys are errors, not silence."""
+    data = dict(data)
+    values: dict[str, Any] = {"source": source}
+    listen = _take(data, "listen", (list, str), source)
+    if listen is not None:
+        values["listen"] = tuple(
+            parse_listen(x) for x in ([listen] if isinstance(listen, str) else listen)
+        )
+    simple: dict[str, type | tuple[type, ...]] = {
+        "one_session": bool,
+        "connections": int,
+        "background": bool,
+        "user": str,
+        "hostname": str,
+        "auth_timeout": (int, float),
+        "rules": str,
+        "size_limit": int,
+        "idle_timeout": (int, float),
+        "max_recipients": int,
+        "tls_in_front": bool,
+    }
+    for key, expected in simple.items():
+        value = _take(data, key, expected, source)
+        if value is not None:
+            values["username" if key == "user" else key] = value
+    proxies = _take(data, "proxy_protocol", (list, str), source)
+    if proxies is not None:
+        values["proxy_protocol"] = tuple([proxies] if isinstance(proxies, str) else proxies)
+    tls = dict(_take(data, "tls", dict, source) or {})
+    for key, name in (
+        ("mode", "tls"),
+        ("cert", "ssl_cert"),
+        ("key", "ssl_key"),
+        ("ciphers", "ciphers"),
+    ):
+        value = _take(tls, key, str, f"{source} [tls]")
+        if value is not None:
+            values[name] = value
+    implicit = _take(tls, "implicit", bool, f"{source} [tls]")
+    if implicit is not None:
+        values["ssl"] = implicit
+    _no_leftovers(tls, f"{source} [tls]")
+    delivery = dict(_take(data, "delivery", dict, source) or {})
+    for key, expected_type in (
+        ("sendmail", str),
+        ("maildir", str),
+        ("throttle_script", str),
+        ("timeout", (int, float)),
+    ):
+        value = _take(delivery, key, expected_type, f"{source} [delivery]")
+        if value is not None:
+            values["delivery_timeout" if key == "timeout" else key] = value
+    _no_leftovers(delivery, f"{source} [delivery]")
+    logging_table = dict(_take(data, "log", dict, source) or {})
+    for key in ("debug", "syslog"):
+        value = _take(logging_table, key, bool, f"{source} [log]")
+        if value is not None:
+            values[key] = value
+    _no_leftovers(logging_table, f"{source} [log]")
+    auth = _take(data, "auth", list, source) or []
+    specs = []
+    for number, table in enumerate(auth, 1):
+        if not isinstance(table, dict) or "kind" not in table:
+            raise ConfigError(f'{source}: [[auth]] entry {number} needs kind = "..."')
+        options = dict(table)
+        kind = str(options.pop("kind"))
+        specs.append(BackendSpec(kind=kind, options=options))
+    if specs:
+        values["auth"] = tuple(specs)
+    _no_leftovers(data, source)
+    return Config(**values)
+
+
+def _no_leftovers(table: dict[str, Any], where: str) -> None:
+    if table:
+        raise ConfigError(f"{where}: unknown setting {sorted(table)[0]!r}")
+
+
+def merge(base: Config, flags: dict[str, Any]) -> Config:
+    """Flags that were given replace the file's values (auth flags replace the whole chain)."""
+    known = {f.name for f in fields(Config)}
+    given = {k: v for k, v in flags.items() if k in known and v is not None and v != ()}
+    return replace(base, **given)
+
+
+def validate(config: Config) -> Config:
+    if not config.auth:
+        raise ConfigError(
+            "no authenticator configured: give at least one of -a FILE, --htpasswd FILE, "
+            "-A PROGRAM, -m SERVICE, -R URL (or [[auth]] in --config)"
+        )
+    if config.tls is not None and config.tls not in TLS_MODES:
+        raise ConfigError(f"--tls {config.tls!r}: must be one of {', '.join(TLS_MODES)}")
+    if config.ssl and config.tls:
+        raise ConfigError("--ssl and --tls exclude each other (implicit TLS has no STARTTLS)")
+    if (config.ssl or config.tls) and not config.ssl_cert:
+        raise ConfigError("--ssl and --tls need --ssl-cert FILE")
+    if config.connections < 1:
+        raise ConfigError(f"--connections {config.connections}: must be a positive integer")
+    if config.sendmail and config.maildir:
+        raise ConfigError("--sendmail and --maildir exclude each other: choose one delivery")
+    if config.size_limit < 1024:
+        raise ConfigError(f"size_limit {config.size_limit}: too small")
+    return config
+
+
+__all__ = ["Config", "ConfigError", "Listen", "field"]

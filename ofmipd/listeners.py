@@ -1,0 +1,209 @@
+"""Daemon mode: listening sockets, the connection limit, privilege drop, signals.
+
+Sockets come from -p/-6 or from systemd (LISTEN_FDS). At most -C sessions run at
+once; further clients wait in the kernel's accept queue rather than being
+dropped. SIGTERM stops accepting and lets sessions finish; SIGHUP builds a new
+App from the configuration (certificates, rules, backends) for new sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+
+from ofmipd import identity
+from ofmipd.assemble import App, build_app
+from ofmipd.config import Config, Listen
+from ofmipd.errors import ConfigError
+from ofmipd.smtp import SubmissionServer
+
+log = logging.getLogger("ofmipd")
+GRACE_SECONDS = 30.0
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (the sd_listen_fds convention)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return [
+        socket.socket(fileno=fd) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)
+    ]
+
+
+def bind(listen: Listen) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(128)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"cannot listen on {listen}: {error.strerror}") from None
+    return sock
+
+
+def drop_privileges(username: str) -> None:
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(username)
+    except KeyError:
+        raise ConfigError(f"--username {username}: no such user") from None
+    if os.getuid() != 0:
+        if os.getuid() != entry.pw_uid:
+            raise ConfigError(f"--username {username}: only root can change user")
+        return
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+
+
+def daemonize() -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+class Daemon:
+    def __init__(
+        self, app: App, sockets: list[socket.socket], config_loader: Callable[[], Config]
+    ) -> None:
+        self.app = app
+        self.sockets = sockets
+        self.config_loader = config_loader
+        self.slots = asyncio.Semaphore(app.config.connections)
+        self.stopping = asyncio.Event()
+        self.sessions: set[SubmissionServer] = set()
+        self.handshakes: set[asyncio.Task[None]] = set()
+
+    def identify(self, transport: asyncio.BaseTransport) -> identity.ClientIdentity:
+        client = identity.from_socket(
+            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        )
+        return client.with_changes(tls_in_front=self.app.config.tls_in_front)
+
+    def _release(self) -> None:
+        self.slots.release()
+
+    async def accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        while not self.stopping.is_set():
+            await self.slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except asyncio.CancelledError:
+                self.slots.release()
+                raise
+            except OSError as error:
+                self.slots.release()
+                log.warning("accept failed: %s", error)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self.start_session(conn))
+            self.handshakes.add(task)
+            task.add_done_callback(self.handshakes.discard)
+
+    async def start_session(self, conn: socket.socket) -> None:
+        app = self.app  # a session keeps the App it started with across a reload
+        loop = asyncio.get_running_loop()
+        created: list[SubmissionServer] = []
+
+        def factory() -> SubmissionServer:
+            server = SubmissionServer(
+                app, self.identify, implicit_tls=app.implicit_tls_context is not None
+            )
+            self.sessions.add(server)
+
+            def ended() -> None:
+                self.sessions.discard(server)
+                self.slots.release()
+
+            server.on_end = ended
+            created.append(server)
+            return server
+
+        try:
+            await loop.connect_accepted_socket(
+                factory,
+                conn,
+                ssl=app.implicit_tls_context,
+                ssl_handshake_timeout=30 if app.implicit_tls_context else None,
+            )
+        except Exception as error:
+            if isinstance(error, OSError | TimeoutError):
+                log.info("connection dropped before the session began: %s", error)
+            else:
+                log.error("cannot start a session", exc_info=error)
+            conn.close()
+            for server in created:  # a failed TLS handshake never reaches connection_made
+                self.sessions.discard(server)
+            self.slots.release()
+
+    def reload(self) -> None:
+        try:
+            self.app = build_app(self.config_loader())
+        except ConfigError as error:
+            log.error("reload failed, keeping the running configuration: %s", error)
+            return
+        log.info("configuration reloaded")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        accepting = [asyncio.create_task(self.accept_loop(s)) for s in self.sockets]
+        names = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
+        log.info("ofmipd ready on %s as %s", names, self.app.hostname)
+        await self.stopping.wait()
+        for task in accepting:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+        log.info("stopping: %d sessions in progress", len(self.sessions))
+        deadline = loop.time() + GRACE_SECONDS
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for server in list(self.sessions):
+            if server.transport is not None:
+                server.transport.close()
+        log.info("stopped")
+
+
+def serve_daemon(app: App, config_loader: Callable[[], Config]) -> int:
+    from ofmipd import logs
+
+    config = app.config
+    try:
+        sockets = systemd_sockets() or [bind(listen) for listen in config.listeners]
+        if config.username:
+            drop_privileges(config.username)
+    except ConfigError as error:
+        print(f"ofmipd: {error}", file=sys.stderr)
+        return 2
+    if config.background:
+        daemonize()
+    logs.setup(
+        debug=config.debug, syslog=config.syslog or config.background, stderr=not config.background
+    )
+    asyncio.run(Daemon(app, sockets, config_loader).run())
+    return 0

@@ -1,0 +1,75 @@
+"""Log set-up (stderr or syslog, never stdout) and the redaction that keeps secrets out.
+
+aiosmtpd logs every command line it reads, "AUTH PLAIN <payload>" included, so
+its logger is quiet unless --debug, and then a filter blanks AUTH payloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import re
+import sys
+from typing import Any
+
+_AUTH_PAYLOAD = re.compile(rb"^(\s*AUTH\s+\S+)\s+\S.*$", re.IGNORECASE | re.DOTALL)
+
+
+def redact(value: Any) -> Any:
+    """AUTH <mechanism> <initial response> -> AUTH <mechanism> <redacted>."""
+    if isinstance(value, str):
+        raw = value.encode("utf-8", "surrogateescape")
+        match = _AUTH_PAYLOAD.match(raw)
+        return match.group(1).decode("ascii", "replace") + " <redacted>" if match else value
+    if isinstance(value, bytes | bytearray):
+        match = _AUTH_PAYLOAD.match(bytes(value))
+        return match.group(1) + b" <redacted>" if match else value
+    return value
+
+
+class RedactAuth(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(arg) for arg in record.args)
+        elif isinstance(record.msg, str | bytes):
+            record.msg = redact(record.msg)
+        return True
+
+
+_pending: list[logging.LogRecord] = []
+
+
+def replay_later(records: list[logging.LogRecord]) -> None:
+    """Records made before set-up (e.g. while loading password files), shown by setup()."""
+    _pending.extend(records)
+
+
+def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handlers: list[logging.Handler] = []
+    if syslog and os.path.exists("/dev/log"):
+        syslog_handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
+        )
+        syslog_handler.setFormatter(logging.Formatter(f"ofmipd[{os.getpid()}]: %(message)s"))
+        handlers.append(syslog_handler)
+    if stderr or not handlers:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(
+            logging.Formatter(f"%(asctime)s ofmipd[{os.getpid()}]: %(levelname)s %(message)s")
+        )
+        handlers.append(stream)
+    for each in handlers:
+        each.addFilter(RedactAuth())
+        root.addHandler(each)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # aiosmtpd's own logger repeats every command line; only a debug trace wants it.
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("mail.log").addFilter(RedactAuth())
+    while _pending:
+        record = _pending.pop(0)
+        if record.levelno >= root.level:
+            root.handle(record)

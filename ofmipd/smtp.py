@@ -1,0 +1,501 @@
+"""The SMTP session: a thin aiosmtpd subclass plus the handler that applies ofmipd's policy.
+
+aiosmtpd parses the protocol. ofmipd replaces the parts that decide who may do
+what: EHLO (which extensions, whether AUTH is offered now), AUTH (awaited async
+mechanisms asking the Chain), MAIL (AUTH or relay permission required) and DATA
+(delivery). The session never learns which launcher started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import socket
+import time
+from base64 import b64encode
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from ofmipd import mechanisms
+from ofmipd.auth import Decision, Verdict
+from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
+from ofmipd.identity import ClientIdentity
+from ofmipd.policy import ClientPolicy, decide
+
+if TYPE_CHECKING:
+    from ofmipd.assemble import App
+
+log = logging.getLogger("ofmipd.smtp")
+authlog = logging.getLogger("ofmipd.auth")
+
+REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
+REPLY_AUTH_BAD = "535 5.7.8 Authentication credentials invalid"
+REPLY_AUTH_TEMP = "454 4.7.0 Temporary authentication failure"
+REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
+REPLY_NEED_AUTH = "530 5.7.0 Authentication required"
+REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+
+# RFC 2034 asks for an enhanced code on every 2xx/4xx/5xx reply after EHLO; these
+# fill in aiosmtpd's replies that have none.
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0",
+    "235": "2.7.0",
+    "250": "2.0.0",
+    "252": "2.0.0",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "550": "5.7.1",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+_AUTH_LINE = re.compile(rb"^\s*AUTH\s+\S+\s+\S", re.IGNORECASE)
+
+_sequence = iter(range(1, 1 << 62))
+
+
+def with_enhanced_code(line: str) -> str:
+    code = line[:3]
+    if len(line) < 4 or line[3] != " " or _HAS_ENHANCED.match(line):
+        return line
+    extra = _DEFAULT_ENHANCED.get(code)
+    return f"{code} {extra} {line[4:]}" if extra else line
+
+
+class SubmissionSession(Session):
+    """aiosmtpd makes a new Session after STARTTLS, which is what RFC 3207 wants:
+    anything learnt before TLS, AUTH included, is forgotten."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.user: str | None = None
+        self.decision: Decision | None = None
+
+
+class SubmissionServer(SMTP):
+    """One instance per connection."""
+
+    def __init__(
+        self,
+        app: App,
+        identify: Callable[[asyncio.BaseTransport], ClientIdentity],
+        *,
+        implicit_tls: bool = False,
+    ) -> None:
+        self.app = app
+        self.identify = identify
+        self.implicit_tls = implicit_tls
+        self.client = ClientIdentity(ip="")
+        self.policy = ClientPolicy()
+        self.session_id = f"{app.instance_id}{next(_sequence):x}"
+        self.started = time.monotonic()
+        self.messages = 0
+        self.last_user: str | None = None
+        self.last_backend: str | None = None
+        self._plain_replies = False
+        self._reverse: asyncio.Task[str | None] | None = None
+        self.on_end: Callable[[], None] | None = None  # the launcher's bookkeeping
+        super().__init__(
+            app.handler,
+            hostname=app.hostname,
+            ident="ESMTP ofmipd",
+            tls_context=None if implicit_tls else app.starttls_context,
+            data_size_limit=app.config.size_limit,
+            timeout=app.config.idle_timeout,
+            auth_required=False,
+            auth_require_tls=False,  # ofmipd's policy decides, from identity and rules
+            loop=asyncio.get_running_loop(),
+        )
+        # aiosmtpd keeps these on the class, shared by every connection; make them ours.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
+        self.command_size_limits["MAIL"] = 512 + 26
+
+    def _create_session(self) -> Session:
+        return SubmissionSession(self.loop)
+
+    @property
+    def session_state(self) -> SubmissionSession:
+        # No assert here: aiosmtpd's __init__ reads every attribute via inspect.getmembers.
+        return self.session  # type: ignore[return-value]
+
+    # ---- connection -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # the first call; a second one follows STARTTLS
+            self.client = self.identify(transport)
+        super().connection_made(transport)
+
+    async def _handle_client(self) -> None:
+        proxy = self.app.proxy_trust
+        if proxy is not None and proxy.contains(self.client.peer_ip):
+            if not await self._read_proxy_header():
+                return
+        self.client = self.client.with_changes(tls=self.tls_active)
+        self.policy = decide(self.client, self.app.config.tls, self.app.rules)
+        log.info(
+            "session %s: connect from %s port %s (%s) local %s:%s rule=%s",
+            self.session_id,
+            self.client.ip or "unknown",
+            self.client.port,
+            self.client.source,
+            self.client.local_ip,
+            self.client.local_port,
+            self.policy.rule,
+        )
+        if self.policy.deny:
+            await self.push(self.policy.deny_message)
+            self._close()
+            return
+        await super()._handle_client()
+
+    async def _read_proxy_header(self) -> bool:
+        from ofmipd.proxy import ProxyError, apply_proxy, read_proxy_header
+
+        header = await read_proxy_header(self._reader, self.app.proxy_timeout)
+        if isinstance(header, ProxyError):
+            log.warning(
+                "session %s: PROXY header from %s refused: %s",
+                self.session_id,
+                self.client.peer_ip,
+                header.reason,
+            )
+            self._close()
+            return False
+        self.client = apply_proxy(self.client, header)
+        return True
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        log.info(
+            "session %s: end client=%s port=%s source=%s tls=%s user=%s backend=%s messages=%d"
+            " seconds=%.3f",
+            self.session_id,
+            self.client.ip or "unknown",
+            self.client.port,
+            self.client.source,
+            "yes" if self.tls_active else "no",
+            self.last_user or "-",
+            self.last_backend or "-",
+            self.messages,
+            time.monotonic() - self.started,
+        )
+        if self._reverse is not None:
+            self._reverse.cancel()
+        if self.on_end is not None:
+            self.on_end()
+        super().connection_lost(error)
+
+    @property
+    def tls_active(self) -> bool:
+        if self._tls_protocol is not None or self.client.tls_in_front:
+            return True
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+    # ---- replies --------------------------------------------------------------------
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and not self._plain_replies:
+            status = with_enhanced_code(status)
+        if self.app.config.debug:
+            log.debug("session %s << %s", self.session_id, status)
+        await super().push(status)
+
+    # ---- EHLO -----------------------------------------------------------------------
+
+    def auth_allowed_now(self) -> bool:
+        return not self.policy.tls_required or self.tls_active
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        session = self.session_state
+        session.extended_smtp = True
+        session.host_name = hostname
+        lines = [
+            self.hostname,
+            "PIPELINING",
+            f"SIZE {self.data_size_limit}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.tls_context is not None and not self.tls_active:
+            lines.append("STARTTLS")
+        if self.auth_allowed_now():
+            lines.append("AUTH " + " ".join(self.app.mechanisms))
+        self._plain_replies = True
+        try:
+            for line in lines[:-1]:
+                await self.push(f"250-{line}")
+            await self.push(f"250 {lines[-1]}")
+        finally:
+            self._plain_replies = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain_replies = False
+
+    @syntax("STARTTLS")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_active:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        if self.tls_context is None:
+            await self.push("502 5.5.1 STARTTLS not offered")
+            return
+        await super().smtp_STARTTLS(arg)
+        self.client = self.client.with_changes(tls=True)
+
+    # ---- AUTH -----------------------------------------------------------------------
+
+    @syntax("AUTH <mechanism> [initial-response]")
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        session = self.session_state
+        if not session.host_name or not session.extended_smtp:
+            await self.push("503 5.5.1 Send EHLO first")
+            return
+        if not self.auth_allowed_now():
+            await self.push(REPLY_NEED_TLS)
+            return
+        if session.authenticated:
+            await self.push("503 5.5.1 Already authenticated")
+            return
+        words = (arg or "").split()
+        if not words or len(words) > 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = words[0].upper()
+        if mechanism not in self.app.mechanisms:
+            await self.push("504 5.5.4 Unrecognized authentication mechanism")
+            return
+        initial = words[1].encode("ascii", "replace") if len(words) == 2 else None
+        try:
+            decision = await self._exchange(mechanism, initial)
+        except mechanisms.MalformedResponse as error:
+            await self.push(str(error))
+            return
+        if decision is None:  # the client cancelled, or a reply was already sent
+            return
+        self._log_decision(mechanism, decision)
+        if decision.verdict is Verdict.ACCEPT:
+            session.authenticated = True
+            session.user = decision.user
+            session.decision = decision
+            self.last_user = decision.user
+            decider = decision.decided_by
+            self.last_backend = decider.backend if decider else None
+            await self.push(REPLY_AUTH_OK)
+        elif decision.verdict is Verdict.TEMPFAIL:
+            await self.push(REPLY_AUTH_TEMP)
+        else:
+            await self.push(REPLY_AUTH_BAD)
+
+    async def _exchange(self, mechanism: str, initial: bytes | None) -> Decision | None:
+        chain = self.app.chain
+        if mechanism == "PLAIN":
+            blob = await self._response(b"", initial)
+            if blob is None:
+                return None
+            creds = mechanisms.parse_plain(blob)
+            return await chain.authenticate(creds.user, creds.password, self.client)
+        if mechanism == "LOGIN":
+            user = await self._response(mechanisms.LOGIN_USERNAME_CHALLENGE, initial)
+            if user is None:
+                return None
+            password = await self._response(mechanisms.LOGIN_PASSWORD_CHALLENGE, None)
+            if password is None:
+                return None
+            return await chain.authenticate(user, password, self.client)
+        if mechanism == "CRAM-MD5":
+            if initial is not None:
+                await self.push("501 5.5.4 CRAM-MD5 takes no initial response")
+                return None
+            challenge = mechanisms.cram_md5_challenge(self.hostname)
+            blob = await self._response(challenge, None)
+            if blob is None:
+                return None
+            response = mechanisms.parse_cram_md5(blob)
+            return await chain.authenticate_cram_md5(
+                response.user, challenge, response.digest, self.client
+            )
+        raise AssertionError(mechanism)
+
+    async def _response(self, challenge: bytes, initial: bytes | None) -> bytes | None:
+        """The client's decoded answer to a 334 challenge (or its initial response)."""
+        if initial is not None:
+            return mechanisms.decode_base64(initial)
+        await self.push(b"334 " + b64encode(challenge))
+        try:
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            await self._discard_long_line()
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return None
+        except asyncio.IncompleteReadError:
+            self._close()
+            return None
+        line = line.strip()
+        if line == b"*":
+            await self.push("501 5.7.0 Authentication cancelled")
+            return None
+        return mechanisms.decode_base64(line)
+
+    async def _discard_long_line(self) -> None:
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as overrun:
+                await self._reader.read(overrun.consumed)
+
+    def _log_decision(self, mechanism: str, decision: Decision) -> None:
+        # One line per attempt, in a form fail2ban can match: never a password.
+        decider = decision.decided_by
+        authlog.log(
+            logging.INFO if decision.verdict is Verdict.ACCEPT else logging.WARNING,
+            "auth %s: client=%s user=%s mechanism=%s backend=%s reason=%r ms=%.1f session=%s",
+            decision.verdict.value,
+            self.client.ip or "unknown",
+            decision.user or "-",
+            mechanism,
+            decider.backend if decider else "-",
+            decision.reason,
+            sum(a.ms for a in decision.attempts),
+            self.session_id,
+        )
+
+    # ---- helpers for the handler ----------------------------------------------------
+
+    def may_send_reply(self) -> str | None:
+        """None if this session may give MAIL, else the refusal."""
+        if self.session_state.authenticated or self.policy.relay:
+            return None
+        if not self.auth_allowed_now():
+            return REPLY_NEED_TLS
+        return REPLY_NEED_AUTH
+
+    async def reverse_name(self) -> str | None:
+        if self.client.hostname or not self.client.ip or not self.app.reverse_dns:
+            return self.client.hostname
+        if self._reverse is None:
+            self._reverse = asyncio.ensure_future(_lookup_reverse(self.client.ip))
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._reverse), 3.0)
+        except (TimeoutError, OSError):
+            return None
+
+
+async def _lookup_reverse(ip: str) -> str | None:
+    try:
+        name, _ = await asyncio.get_running_loop().getnameinfo((ip, 0), socket.NI_NAMEREQD)
+    except (OSError, UnicodeError):
+        return None
+    return name
+
+
+class SubmissionHandler:
+    """aiosmtpd handler hooks; per-connection state lives on the server object."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def handle_MAIL(
+        self,
+        server: SubmissionServer,
+        session: SubmissionSession,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        refusal = server.may_send_reply()
+        if refusal:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self,
+        server: SubmissionServer,
+        session: SubmissionSession,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.app.config.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(
+        self,
+        server: SubmissionServer,
+        session: SubmissionSession,
+        envelope: Envelope,
+    ) -> str:
+        queue_id = new_queue_id()
+        header = received_header(
+            helo=session.host_name,
+            client=server.client,
+            reverse_name=await server.reverse_name(),
+            hostname=server.hostname,
+            protocol=protocol_name(
+                bool(session.extended_smtp), server.tls_active, bool(session.authenticated)
+            ),
+            queue_id=queue_id,
+            user=session.user,
+        )
+        content = envelope.original_content or b""
+        submission = Submission(
+            queue_id=queue_id,
+            sender=envelope.mail_from or "",
+            recipients=tuple(envelope.rcpt_tos),
+            content=header + content,
+            user=session.user,
+            client=server.client,
+        )
+        reply = await self.app.delivery.deliver(submission)
+        log.info(
+            "session %s: message %s from=<%s> rcpts=%d size=%d user=%s result=%s",
+            server.session_id,
+            queue_id,
+            submission.sender,
+            len(submission.recipients),
+            len(content),
+            session.user or "-",
+            reply[:3],
+        )
+        if reply.startswith("250"):
+            server.messages += 1
+        return reply
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("session error: %s", type(error).__name__, exc_info=error)
+        return REPLY_INTERNAL

@@ -1,0 +1,152 @@
+"""One-session mode: a single SMTP session on fd 0 and fd 1.
+
+fd 0 may be a TCP socket (tcpserver, inetd, systemd Accept=yes), a socketpair
+(stunnel's exec) or a pipe with fd 1 another pipe. All three become one asyncio
+transport, so the session code is the same as in daemon mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+from typing import Any
+
+from ofmipd import identity
+from ofmipd.assemble import App
+from ofmipd.smtp import SubmissionServer
+
+
+class PipePair(asyncio.Transport):
+    """Two pipes (read fd 0, write fd 1) presented as one duplex transport.
+
+    set_protocol() lets STARTTLS put an SSL layer on top, as it does on sockets.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._protocol: Any = None
+        self._reader: Any = None
+        self._writer: Any = None
+        self._closed = False
+
+    async def connect(self, protocol: asyncio.Protocol) -> None:
+        loop = asyncio.get_running_loop()
+        self._protocol = protocol
+        pair = self
+
+        class ReadSide(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                pair._protocol.data_received(data)
+
+            def eof_received(self) -> bool | None:
+                return pair._protocol.eof_received()
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                pair._lost(exc)
+
+        class WriteSide(asyncio.Protocol):
+            def pause_writing(self) -> None:
+                pair._protocol.pause_writing()
+
+            def resume_writing(self) -> None:
+                pair._protocol.resume_writing()
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                pair._lost(exc)
+
+        self._writer, _ = await loop.connect_write_pipe(
+            WriteSide, os.fdopen(os.dup(1), "wb", buffering=0)
+        )
+        self._reader, _ = await loop.connect_read_pipe(
+            ReadSide, os.fdopen(os.dup(0), "rb", buffering=0)
+        )
+        protocol.connection_made(self)
+
+    def _lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._closed = True
+            self._reader.close()
+            self._writer.close()
+            self._protocol.connection_lost(exc)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._closed:
+            self._writer.write(data)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if not self._closed:
+            asyncio.get_running_loop().call_soon(self._lost, None)
+            self._writer.close()
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_write_buffer_size(self) -> int:
+        return int(self._writer.get_write_buffer_size())
+
+    def pause_reading(self) -> None:
+        self._reader.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._reader.resume_reading()
+
+    def is_reading(self) -> bool:
+        return bool(self._reader.is_reading())
+
+    def set_protocol(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> Any:
+        return self._protocol
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+async def run_session(app: App) -> None:
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+
+    def ended() -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    def identify(transport: asyncio.BaseTransport) -> identity.ClientIdentity:
+        direct = identity.from_socket(
+            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        )
+        client = identity.from_environment(os.environ, direct)
+        return client.with_changes(tls_in_front=app.config.tls_in_front)
+
+    def factory() -> SubmissionServer:
+        server = SubmissionServer(app, identify, implicit_tls=app.implicit_tls_context is not None)
+        server.on_end = ended
+        return server
+
+    if stat.S_ISSOCK(os.fstat(0).st_mode):
+        sock = socket.socket(fileno=os.dup(0))
+        await loop.connect_accepted_socket(factory, sock, ssl=app.implicit_tls_context)
+    else:
+        if app.implicit_tls_context is not None:
+            raise SystemExit("ofmipd: --ssl in one-session mode needs fd 0 to be a socket")
+        await PipePair().connect(factory())
+    await finished
+
+
+def serve_one_session(app: App) -> int:
+    from ofmipd import logs
+
+    logs.setup(debug=app.config.debug, syslog=app.config.syslog)
+    try:
+        asyncio.run(run_session(app))
+    except (ConnectionError, OSError):
+        return 0  # the client went away; nothing to report to a launcher
+    return 0

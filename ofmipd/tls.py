@@ -1,0 +1,34 @@
+"""Server TLS contexts: TLS 1.2 minimum, modern ciphers, a certificate chain and key."""
+
+from __future__ import annotations
+
+import ssl
+
+from ofmipd.errors import ConfigError
+
+# Mozilla "intermediate" TLS 1.2 suites; TLS 1.3 suites are OpenSSL's defaults.
+MODERN_TLS12_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+
+def server_context(cert: str | None, key: str | None, ciphers: str | None) -> ssl.SSLContext:
+    if not cert:
+        raise ConfigError("TLS needs --ssl-cert FILE")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.set_ciphers(ciphers or MODERN_TLS12_CIPHERS)
+    except ssl.SSLError:
+        raise ConfigError(f"--ciphers {ciphers!r}: OpenSSL accepts none of these") from None
+    try:
+        context.load_cert_chain(cert, key or None)
+    except FileNotFoundError as error:
+        raise ConfigError(f"TLS certificate or key {error.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as error:
+        where = f"{cert}" + (f" / {key}" if key else "")
+        raise ConfigError(f"TLS certificate {where}: cannot load ({error})") from None
+    return context

@@ -1,0 +1,97 @@
+"""Start real ofmipd processes for tests: a daemon on a free port, or one session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGS = ROOT / "tests" / "progs"
+CAPTURE = str(PROGS / "capture-sendmail")
+
+
+def ofmipd_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ofmipd", *args]
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def wait_for_port(
+    host: str, port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+class Daemon:
+    """ofmipd in daemon mode as a child process; stderr goes to a log file."""
+
+    def __init__(
+        self,
+        args: list[str],
+        port: int,
+        workdir: Path,
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.host, self.port, self.workdir = host, port, workdir
+        self.log_path = workdir / f"ofmipd-{port}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            ofmipd_command(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            env=env or server_env(),
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(host, port, self.proc)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"ofmipd did not start: {self.log_text()}") from None
+
+    def log_text(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def captured_messages(capture_dir: Path) -> list[tuple[str, bytes]]:
+    """(environment text, message bytes) for each message the capture program accepted."""
+    out = []
+    for msg in sorted(capture_dir.glob("*.msg")):
+        env = msg.with_suffix(".env").read_text()
+        out.append((env, msg.read_bytes()))
+    return out

@@ -1,0 +1,140 @@
+"""The chain's rules: order, first accept wins, outages mean try later, containment.
+
+These backends are tiny stand-ins written for the chain's contract (an exception,
+a hang); the real stores have their own tests against real servers.
+"""
+
+import asyncio
+
+import pytest
+
+from ofmipd.auth import Chain, Lookup, Secret, Verdict, accept, reject, tempfail
+
+
+class Fixed:
+    def __init__(self, name, outcome=None, delay=0.0, error=None):
+        self.name, self.target, self.outcome, self.delay, self.error = (
+            name,
+            "-",
+            outcome,
+            delay,
+            error,
+        )
+        self.calls = 0
+
+    async def verify(self, user, secret, client):
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        if self.error:
+            raise self.error
+        return self.outcome
+
+
+class Plain(Fixed):
+    def __init__(self, name, users):
+        super().__init__(name)
+        self.users = users
+
+    async def lookup_plaintext(self, user, client):
+        if user in self.users:
+            return Lookup(accept("found", user), Secret(self.users[user]))
+        return Lookup(reject("no such user"))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_first_accept_wins_and_later_backends_are_not_asked(client):
+    first, second = Fixed("a", accept()), Fixed("b", accept())
+    decision = run(Chain([first, second]).authenticate(b"u", b"p", client))
+    assert decision.verdict is Verdict.ACCEPT
+    assert decision.decided_by.backend == "a"
+    assert second.calls == 0
+
+
+def test_user_known_only_to_last_backend_is_accepted(client):
+    chain = Chain([Fixed("a", reject("no")), Fixed("b", reject("no")), Fixed("c", accept())])
+    decision = run(chain.authenticate(b"u", b"p", client))
+    assert decision.verdict is Verdict.ACCEPT
+    assert [a.backend for a in decision.attempts] == ["a", "b", "c"]
+
+
+def test_outage_plus_rejection_is_tempfail(client):
+    chain = Chain([Fixed("ldap", tempfail("down")), Fixed("file", reject("mismatch"))])
+    assert run(chain.authenticate(b"u", b"p", client)).verdict is Verdict.TEMPFAIL
+
+
+def test_outage_plus_acceptance_is_accept(client):
+    chain = Chain([Fixed("ldap", tempfail("down")), Fixed("file", accept())])
+    assert run(chain.authenticate(b"u", b"p", client)).verdict is Verdict.ACCEPT
+
+
+def test_exception_becomes_tempfail_naming_its_type(client):
+    chain = Chain([Fixed("x", error=RuntimeError("boom with secret"))])
+    decision = run(chain.authenticate(b"u", b"p", client))
+    assert decision.verdict is Verdict.TEMPFAIL
+    assert decision.reason == "internal error: RuntimeError"
+
+
+def test_hung_backend_becomes_tempfail_after_timeout(client):
+    chain = Chain([Fixed("slow", accept(), delay=5)], timeout=0.2)
+    decision = run(chain.authenticate(b"u", b"p", client))
+    assert decision.verdict is Verdict.TEMPFAIL
+    assert "0.2s" in decision.reason
+
+
+def test_try_all_asks_every_backend(client):
+    chain = Chain([Fixed("a", accept()), Fixed("b", reject("no"))])
+    decision = run(chain.authenticate(b"u", b"p", client, try_all=True))
+    assert decision.verdict is Verdict.ACCEPT
+    assert len(decision.attempts) == 2
+
+
+@pytest.mark.parametrize(
+    "user,password",
+    [
+        (b"", b"p"),
+        (b"u", b""),
+        (b"u", b"p\0q"),
+        (b"u\nx", b"p"),
+        (b"u\rx", b"p"),
+        (b"u\0x", b"p"),
+        (b"\xff\xfe", b"p"),
+    ],
+)
+def test_malformed_credentials_never_reach_a_backend(client, user, password):
+    backend = Fixed("a", accept())
+    decision = run(Chain([backend]).authenticate(user, password, client))
+    assert decision.verdict is Verdict.REJECT
+    assert "malformed" in decision.reason
+    assert backend.calls == 0
+
+
+def test_cram_md5_needs_every_backend_to_look_up_plaintext():
+    assert Chain([Plain("a", {})]).supports_cram_md5
+    assert not Chain([Plain("a", {}), Fixed("b", accept())]).supports_cram_md5
+
+
+def test_cram_md5_digest_checked_in_the_chain(client):
+    from ofmipd.auth import cram_md5_digest
+
+    chain = Chain([Plain("a", {}), Plain("b", {"bob": b"pw"})])
+    challenge = b"<1.2@host>"
+    good = cram_md5_digest(Secret(b"pw"), challenge)
+    assert (
+        run(chain.authenticate_cram_md5(b"bob", challenge, good, client)).verdict is Verdict.ACCEPT
+    )
+    bad = cram_md5_digest(Secret(b"pX"), challenge)
+    assert (
+        run(chain.authenticate_cram_md5(b"bob", challenge, bad, client)).verdict is Verdict.REJECT
+    )
+
+
+def test_verdict_has_no_truth_value():
+    with pytest.raises(TypeError):
+        bool(Verdict.TEMPFAIL)
+
+
+def test_secret_repr_hides_the_password():
+    assert "hunter2" not in repr(Secret(b"hunter2")) + str(Secret(b"hunter2"))
