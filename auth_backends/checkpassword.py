@@ -27,7 +27,7 @@ from auth_backends import BackendSpec
 from ofmipd import proc
 from ofmipd.auth import Outcome, Secret, Verdict, accept, reject, tempfail
 from ofmipd.errors import ConfigError
-from ofmipd.identity import ClientIdentity, launcher_environment
+from ofmipd.identity import LAUNCHER_VARIABLES, ClientIdentity, launcher_environment
 
 log = logging.getLogger("ofmipd.checkpassword")
 
@@ -38,12 +38,6 @@ STDERR_LIMIT = 4096
 STDERR_LINES = 10
 STDERR_LINE_CHARS = 300
 TEMPORARY = 111  # the interface's "temporary problem"; never a rejection
-# Launcher variables in our own environment describe our launcher's client (or none);
-# the program must see only the ones of the client it is judging.
-LAUNCHER_VARIABLES = (
-    "TCPREMOTEIP", "TCPREMOTEPORT", "TCPREMOTEHOST", "TCPREMOTEINFO",
-    "TCPLOCALIP", "TCPLOCALPORT", "PROTO",
-)  # fmt: skip
 
 
 class CheckPassword:

@@ -2,7 +2,8 @@
 
 It builds the authenticator chain through the same code as the server
 (assemble.build_chain), asks it as the server would, and prints each backend's
-answer. Exit 0 accepted, 1 rejected, 111 temporary failure, 2 usage or
+answer, the host rule and ipauthmap route for the client, and the overall
+verdict. Exit 0 accepted, 1 rejected, 111 temporary failure, 2 usage or
 configuration error. With --checkpassword it is itself a DJB checkpassword
 program backed by the ofmipd configuration.
 """
@@ -11,26 +12,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ofmipd import identity
-from ofmipd.auth import Decision, Verdict
+from ofmipd.auth import Chain, Decision, Verdict
 from ofmipd.cli import Parser, add_auth_options, auth_specs
 from ofmipd.config import Config, load_toml, merge
 from ofmipd.errors import ConfigError
+from ofmipd.policy import ClientPolicy
 
 EXIT = {Verdict.ACCEPT: 0, Verdict.REJECT: 1, Verdict.TEMPFAIL: 111}
+MAX_CHECKPASSWORD_DATA = 512  # DJB's limit for user\0password\0timestamp\0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="ofmipd-authtest",
         description="Test a user's credentials against ofmipd's authenticators. The password "
-        "is read from the first line of stdin, or prompted for without echo on a terminal.",
+        "is read from the first line of stdin, or prompted for without echo on a terminal. "
+        "Exit 0 accepted, 1 rejected, 111 temporary failure, 2 usage or configuration error.",
     )
     add_auth_options(parser)
     parser.add_argument(
@@ -45,11 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="IP",
         help="the server address the client connected to (for ipauthmap)",
     )
-    parser.add_argument("--rules", metavar="FILE", help="host rules to show for --remote-ip")
+    parser.add_argument("--rules", metavar="FILE", help="host rules to apply to --remote-ip")
     parser.add_argument(
         "--tls",
         choices=("optional", "localoptional", "on"),
-        help="the TLS mode to assume when showing what the client may do",
+        help="the STARTTLS mode to assume (default: the config's)",
     )
     parser.add_argument(
         "--all", action="store_true", help="try every backend, not just until the first accept"
@@ -60,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=argparse.REMAINDER,
         metavar="PROG",
         help="act as a checkpassword program: read user\\0password\\0 from fd 3, "
-        "exec PROG with $USER set on success",
+        "exec PROG with $USER set on success (exit 0 without PROG)",
     )
     parser.add_argument("user", nargs="?", help="the login name to test")
     return parser
@@ -76,80 +83,216 @@ def load_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def client_from_args(args: argparse.Namespace) -> identity.ClientIdentity:
+    ip = identity.normalise_ip(args.remote_ip)
+    if not ip:
+        raise ConfigError(f"--remote-ip {args.remote_ip!r}: not an IP address")
+    local_ip = identity.normalise_ip(args.local_ip)
+    if args.local_ip and not local_ip:
+        raise ConfigError(f"--local-ip {args.local_ip!r}: not an IP address")
+    return identity.ClientIdentity(ip=ip, local_ip=local_ip, source="authtest")
+
+
 def read_password() -> bytes:
+    """The first line of stdin, or a no-echo prompt on a terminal; ConfigError if none."""
     if sys.stdin.isatty():
         import getpass
 
-        return getpass.getpass("Password: ").encode()
+        try:
+            return getpass.getpass("Password: ").encode()
+        except (EOFError, KeyboardInterrupt):
+            raise ConfigError("no password given") from None
     line = sys.stdin.buffer.readline()
+    if not line:
+        raise ConfigError("no password on stdin (give it as the first line)")
     return line.rstrip(b"\r\n")
 
 
-def describe_policy(config: Config, client: identity.ClientIdentity) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ClientView:
+    """What the server would let this client do, before any password is checked."""
+
+    client: identity.ClientIdentity
+    policy: ClientPolicy
+    tls_possible: bool  # some way to encrypt exists: STARTTLS, implicit TLS or a terminator
+    routes: tuple[str, ...]  # ipauthmap lines: which remote server each backend would ask
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "remote_ip": self.client.ip,
+            "local_ip": self.client.local_ip or None,
+            "rule": self.policy.rule,
+            "deny": self.policy.deny,
+            "deny_message": self.policy.deny_message if self.policy.deny else None,
+            "relay": self.policy.relay,
+            "tls_required": self.policy.tls_required,
+            "tls_possible": self.tls_possible,
+            "ipauthmap": list(self.routes),
+        }
+
+
+def describe_client(config: Config, chain: Chain, client: identity.ClientIdentity) -> ClientView:
     from ofmipd.assemble import build_rules
     from ofmipd.policy import decide
 
+    # The server adds tls_in_front to every client; then require-tls is already met.
+    client = client.with_changes(tls_in_front=config.tls_in_front)
     policy = decide(client, config.tls, build_rules(config))
+    tls_possible = bool(config.tls or config.ssl or config.tls_in_front)
+    return ClientView(client, policy, tls_possible, tuple(ipauthmap_routes(chain, client)))
+
+
+def ipauthmap_routes(chain: Chain, client: identity.ClientIdentity) -> list[str]:
+    """For IMAP/POP3 backends with host 0.0.0.0: the server the map picks for local_ip."""
+    routes = []
+    for backend in chain.backends:
+        server = getattr(backend, "server", None)  # auth_backends.ipauthmap.RemoteServer
+        ipauthmap = getattr(server, "ipauthmap", None)
+        if server is None or ipauthmap is None:
+            continue
+        local = client.local_ip or "(unknown)"
+        try:
+            host, port = server.destination(client)
+        except ConfigError as error:
+            routes.append(f"{backend.name}: {error}")
+            continue
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        routes.append(f"{backend.name} ipauthmap {ipauthmap.path}: local {local} -> {where}")
+    return routes
+
+
+async def authenticate(
+    chain: Chain, user: bytes, password: bytes, client: identity.ClientIdentity, try_all: bool
+) -> Decision:
+    try:
+        return await chain.authenticate(user, password, client, try_all=try_all)
+    finally:
+        await close_backends(chain)
+
+
+async def close_backends(chain: Chain) -> None:
+    for backend in chain.backends:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):  # the verdict is made; cleanup is best effort
+                await close()
+
+
+def overall(decision: Decision, view: ClientView) -> tuple[Verdict, str, str]:
+    """The answer to "can this user log in from there?", why, and what the client hears."""
+    from ofmipd.smtp import REPLY_AUTH_BAD, REPLY_AUTH_OK, REPLY_AUTH_TEMP, REPLY_NEED_TLS
+
+    if view.policy.deny:
+        why = f"client refused at connect; credentials: {decision.verdict.value}"
+        return Verdict.REJECT, why, view.policy.deny_message
+    if view.policy.tls_required and not view.tls_possible:
+        why = f"AUTH needs TLS but no TLS is configured; credentials: {decision.verdict.value}"
+        return Verdict.REJECT, why, REPLY_NEED_TLS
+    decider = decision.decided_by
+    if decision.verdict is Verdict.ACCEPT and decider is not None:
+        return Verdict.ACCEPT, f"accepted by {decider.backend}", REPLY_AUTH_OK
+    if decision.verdict is Verdict.TEMPFAIL:
+        failed = [a.backend for a in decision.attempts if a.outcome.verdict is Verdict.TEMPFAIL]
+        why = f"temporary failure of {', '.join(failed)}; the client should retry"
+        return Verdict.TEMPFAIL, why, REPLY_AUTH_TEMP
+    return Verdict.REJECT, "no backend accepted", REPLY_AUTH_BAD
+
+
+def result_dict(decision: Decision, view: ClientView, total_ms: float) -> dict[str, Any]:
+    verdict, why, reply = overall(decision, view)
     return {
-        "rule": policy.rule,
-        "deny": policy.deny,
-        "relay": policy.relay,
-        "tls_required": policy.tls_required,
+        "user": decision.user,
+        "client": view.as_dict(),
+        "attempts": [
+            {
+                "backend": a.backend,
+                "target": a.target,
+                "verdict": a.outcome.verdict.value,
+                "reason": a.outcome.reason,
+                "ms": round(a.ms, 1),
+            }
+            for a in decision.attempts
+        ],
+        "credentials": decision.verdict.value,
+        "verdict": verdict.value,
+        "why": why,
+        "smtp_reply": reply,
+        "exit": EXIT[verdict],
+        "ms": round(total_ms, 1),
     }
 
 
-def report(decision: Decision, policy: dict[str, Any], as_json: bool) -> str:
-    if as_json:
-        return json.dumps(
-            {
-                "user": decision.user,
-                "verdict": decision.verdict.value,
-                "attempts": [
-                    {
-                        "backend": a.backend,
-                        "target": a.target,
-                        "verdict": a.outcome.verdict.value,
-                        "reason": a.outcome.reason,
-                        "ms": round(a.ms, 1),
-                    }
-                    for a in decision.attempts
-                ],
-                "client": policy,
-            },
-            indent=2,
+def render_text(result: dict[str, Any]) -> str:
+    client = result["client"]
+    where = client["remote_ip"] + (f" to {client['local_ip']}" if client["local_ip"] else "")
+    view_notes = []
+    if client["deny"]:
+        view_notes.append(f"denied at connect: {client['deny_message']}")
+    if client["relay"]:
+        view_notes.append("may relay without AUTH")
+    if client["tls_required"]:
+        view_notes.append(
+            "AUTH only after STARTTLS" + ("" if client["tls_possible"] else " (no TLS!)")
         )
-    lines = []
-    for a in decision.attempts:
+    rule = client["rule"] if client["rule"] != "default" else "no host rule applies"
+    lines = [f"client {where}: {rule}" + (f": {', '.join(view_notes)}" if view_notes else "")]
+    lines += client["ipauthmap"]  # where the remote IMAP/POP3 check goes for this client
+    for a in result["attempts"]:
         lines.append(
-            f"{a.backend} {a.target}: {a.outcome.verdict.value} ({a.outcome.reason}) {a.ms:.1f} ms"
+            f"{a['backend']} {a['target']}: {a['verdict']} ({a['reason']}) {a['ms']:.1f} ms"
         )
-    what = []
-    if policy["deny"]:
-        what.append("denied at connect")
-    if policy["relay"]:
-        what.append("may relay without AUTH")
-    if policy["tls_required"]:
-        what.append("AUTH only after STARTTLS")
-    lines.append(f"client rule: {policy['rule']}" + (f" ({', '.join(what)})" if what else ""))
-    lines.append(f"result: {decision.verdict.value} for user {decision.user or '-'}")
+    lines.append(f"client hears: {result['smtp_reply']}")
+    lines.append(
+        f"result: {result['verdict']} for user {result['user'] or '-'}: {result['why']}"
+        f" ({result['ms']:.1f} ms)"
+    )
     return "\n".join(lines)
 
 
+def read_fd3() -> bytes | None:
+    """checkpassword's input: up to 512 bytes from fd 3 until EOF; None if fd 3 is not open."""
+    data = b""
+    try:
+        while len(data) <= MAX_CHECKPASSWORD_DATA:
+            chunk = os.read(3, MAX_CHECKPASSWORD_DATA + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(3)
+    return data
+
+
 def checkpassword(config: Config, prog: list[str]) -> int:
-    """The DJB interface: credentials on fd 3; exit 1 reject, 111 temporary failure."""
+    """The DJB interface: credentials on fd 3; exit 1 reject, 111 temporary failure, 2 misuse.
+
+    Nothing goes to stdout: under qmail-popup it is the client's connection.
+    """
     from ofmipd.assemble import build_chain
 
-    try:
-        with os.fdopen(3, "rb") as fd3:
-            data = fd3.read(4096)
-    except OSError:
+    data = read_fd3()
+    if data is None:
+        print("ofmipd-authtest: --checkpassword: nothing to read on fd 3", file=sys.stderr)
         return 2
     parts = data.split(b"\0")
-    if len(parts) < 3:
+    if len(data) > MAX_CHECKPASSWORD_DATA or len(parts) < 3:
+        print("ofmipd-authtest: --checkpassword: expected user\\0password\\0 on fd 3",
+              file=sys.stderr)  # fmt: skip
         return 2
     user, password = parts[0], parts[1]
+    # The consumer (ofmipd, qmail-popup, Dovecot) describes the client in TCPREMOTEIP & co.
     client = identity.from_environment(os.environ, identity.ClientIdentity(ip=""))
-    decision = asyncio.run(build_chain(config).authenticate(user, password, client))
+    chain = build_chain(config)
+    decision = asyncio.run(authenticate(chain, user, password, client, try_all=False))
+    del password, data, parts
+    attempt = decision.decided_by
+    # One line for the consumer's log (Dovecot logs stderr as errors, so not on success).
+    if attempt is not None and decision.verdict is not Verdict.ACCEPT:
+        print(f"ofmipd-authtest: {decision.user or '-'}: {decision.verdict.value} by "
+              f"{attempt.backend} ({attempt.outcome.reason})", file=sys.stderr)  # fmt: skip
     if decision.verdict is not Verdict.ACCEPT:
         return EXIT[decision.verdict]
     if not prog:
@@ -157,41 +300,41 @@ def checkpassword(config: Config, prog: list[str]) -> int:
     os.environ["USER"] = decision.user or user.decode()
     try:
         os.execvp(prog[0], prog)  # noqa: S606 - the checkpassword interface execs PROG
-    except OSError:
+    except OSError as error:
+        print(f"ofmipd-authtest: cannot run {prog[0]}: {error.strerror}", file=sys.stderr)
         return 111
     return 111  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Backends log to "ofmipd.*"; one line each on stderr, never on stdout (--json, fd 1).
+    logging.basicConfig(level=logging.WARNING, format="ofmipd-authtest: %(name)s: %(message)s")
     try:
         config = load_config(args)
         if args.checkpassword is not None:
+            if args.user:
+                raise ConfigError("--checkpassword reads the user from fd 3, not the arguments")
             return checkpassword(config, args.checkpassword)
         if not args.user:
             raise ConfigError("which user? give the login name as the last argument")
         from ofmipd.assemble import build_chain
 
+        client = client_from_args(args)
         chain = build_chain(config)
-        client = identity.ClientIdentity(
-            ip=identity.normalise_ip(args.remote_ip),
-            local_ip=identity.normalise_ip(args.local_ip),
-            source="authtest",
-        )
-        policy = describe_policy(config, client)
+        view = describe_client(config, chain, client)
+        password = read_password()
     except ConfigError as error:
         print(f"ofmipd-authtest: {error}", file=sys.stderr)
         return 2
-    password = read_password()
     started = time.perf_counter()
     decision = asyncio.run(
-        chain.authenticate(args.user.encode(), password, client, try_all=args.all)
+        authenticate(chain, args.user.encode(), password, view.client, try_all=args.all)
     )
     del password
-    print(report(decision, policy, args.json))
-    if not args.json:
-        print(f"total: {(time.perf_counter() - started) * 1000:.1f} ms")
-    return EXIT[decision.verdict]
+    result = result_dict(decision, view, (time.perf_counter() - started) * 1000)
+    print(json.dumps(result, indent=2) if args.json else render_text(result))
+    return int(result["exit"])
 
 
 if __name__ == "__main__":

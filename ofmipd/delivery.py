@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from ofmipd.identity import ClientIdentity, launcher_environment
-from ofmipd.proc import run_program
+from ofmipd.identity import LAUNCHER_VARIABLES, ClientIdentity, launcher_environment
+from ofmipd.proc import environment, run_program
 
 log = logging.getLogger("ofmipd.delivery")
 
@@ -97,8 +97,7 @@ class SendmailTarget:
 
     async def deliver(self, submission: Submission) -> str:
         argv = [*self.argv, "-f", submission.sender or "<>", "-i", "--", *submission.recipients]
-        env = dict(os.environ)
-        env.update(launcher_environment(submission.client))
+        env = environment(launcher_environment(submission.client), drop=LAUNCHER_VARIABLES)
         env["LOGIN"] = submission.user or ""
         result = await run_program(argv, stdin=submission.content, env=env, timeout=self.timeout)
         if result.exit_code == 0:
@@ -164,8 +163,7 @@ class Delivery:
 
     async def deliver(self, submission: Submission) -> str:
         if self.throttle_script:
-            env = dict(os.environ)
-            env.update(launcher_environment(submission.client))
+            env = environment(launcher_environment(submission.client), drop=LAUNCHER_VARIABLES)
             result = await run_program(
                 [self.throttle_script, submission.user or ""],
                 stdin=None,

@@ -127,6 +127,14 @@ def from_environment(env: Mapping[str, str], transport: ClientIdentity) -> Clien
     return replace(transport, relay_client=relay)
 
 
+# Launcher variables in our own environment describe our launcher's client (or none);
+# a program we run must see only the ones of the client it is working for.
+LAUNCHER_VARIABLES = (
+    "TCPREMOTEIP", "TCPREMOTEPORT", "TCPREMOTEHOST", "TCPREMOTEINFO",
+    "TCPLOCALIP", "TCPLOCALPORT", "PROTO",
+)  # fmt: skip
+
+
 def launcher_environment(client: ClientIdentity) -> dict[str, str]:
     """The ucspi-style variables programs we run (checkpassword, sendmail) expect."""
     env = {"TCPREMOTEIP": client.ip, "TCPLOCALIP": client.local_ip, "PROTO": "TCP"}

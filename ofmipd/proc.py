@@ -145,7 +145,7 @@ async def run_program(
             None, None, False, b"", b"", timeout, time.monotonic() - started, str(error)
         )
     finally:
-        # The child has its copies; ours would keep its stdin open and our readers from EOF.
+        # The child has its own copies; ours would hide its exit (no EOF, no EPIPE for us).
         for fd in (out_w, err_w, in_r):
             if fd >= 0:
                 os.close(fd)

@@ -141,10 +141,30 @@ async def run_session(app: App) -> None:
     await finished
 
 
+def stderr_is_the_connection() -> bool:
+    """True when fd 2 is the client's channel, as xinetd and stunnel's exec set it up."""
+    try:
+        err = os.fstat(2)
+        return any(
+            (err.st_dev, err.st_ino) == (other.st_dev, other.st_ino)
+            for other in (os.fstat(0), os.fstat(1))
+        )
+    except OSError:
+        return False
+
+
 def serve_one_session(app: App) -> int:
     from ofmipd import logs
 
-    logs.setup(debug=app.config.debug, syslog=app.config.syslog)
+    stderr = True
+    if stderr_is_the_connection():
+        # A log line (ours, or a checkpassword or sendmail program's) would reach the
+        # client as a bogus SMTP reply, and bypass stunnel's TLS: send them to syslog.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        stderr = False
+    logs.setup(debug=app.config.debug, syslog=app.config.syslog or not stderr, stderr=stderr)
     try:
         asyncio.run(run_session(app))
     except (ConnectionError, OSError):

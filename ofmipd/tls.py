@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from ofmipd.errors import ConfigError
@@ -24,10 +25,11 @@ def server_context(cert: str | None, key: str | None, ciphers: str | None) -> ss
         context.set_ciphers(ciphers or MODERN_TLS12_CIPHERS)
     except ssl.SSLError:
         raise ConfigError(f"--ciphers {ciphers!r}: OpenSSL accepts none of these") from None
+    for path in (cert, key):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"TLS certificate or key {path}: no such file")
     try:
         context.load_cert_chain(cert, key or None)
-    except FileNotFoundError as error:
-        raise ConfigError(f"TLS certificate or key {error.filename}: no such file") from None
     except (ssl.SSLError, OSError) as error:
         where = f"{cert}" + (f" / {key}" if key else "")
         raise ConfigError(f"TLS certificate {where}: cannot load ({error})") from None
