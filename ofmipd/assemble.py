@@ -122,11 +122,13 @@ def build_delivery(config: Config) -> Delivery:
 
 
 def build_rules(config: Config) -> Any | None:
-    if not config.rules:
+    if not config.rules and not config.rule_tables:
         return None
     from ofmipd.rules import Rules
 
-    return Rules.from_file(config.rules)
+    if config.rules:
+        return Rules.from_file(config.rules)
+    return Rules.from_config(list(config.rule_tables), config.source)
 
 
 def build_app(config: Config) -> App:

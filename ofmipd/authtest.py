@@ -24,7 +24,7 @@ from typing import Any
 from ofmipd import identity
 from ofmipd.auth import Chain, Decision, Verdict
 from ofmipd.cli import Parser, add_auth_options, auth_specs
-from ofmipd.config import Config, load_toml, merge
+from ofmipd.config import Config, load_toml, merge, validate
 from ofmipd.errors import ConfigError
 from ofmipd.policy import ClientPolicy
 
@@ -80,7 +80,7 @@ def load_config(args: argparse.Namespace) -> Config:
         raise ConfigError(
             "no authenticator configured: give -a, --htpasswd, -A, -m, -R or --config"
         )
-    return config
+    return validate(config)  # what the server would refuse to start with is an error here too
 
 
 def client_from_args(args: argparse.Namespace) -> identity.ClientIdentity:

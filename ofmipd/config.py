@@ -49,6 +49,7 @@ class Config:
     ciphers: str | None = None
     tls_in_front: bool = False
     rules: str | None = None
+    rule_tables: tuple[dict[str, Any], ...] = ()  # TOML [[rule]] tables
     proxy_protocol: tuple[str, ...] = ()
     size_limit: int = 35 * 1024 * 1024
     idle_timeout: float = 300.0
@@ -147,6 +148,9 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         value = _take(data, key, expected, source)
         if value is not None:
             values["username" if key == "user" else key] = value
+    rule_tables = _take(data, "rule", list, source)
+    if rule_tables:
+        values["rule_tables"] = tuple(rule_tables)
     proxies = _take(data, "proxy_protocol", (list, str), source)
     if proxies is not None:
         values["proxy_protocol"] = tuple([proxies] if isinstance(proxies, str) else proxies)
