@@ -1,1 +1,1 @@
-"""Side-by-side benchmark of ofmipd against bare aiosmtpd and Postfix+Dovecot (`python -m bench`)."""
+"""Side-by-side benchmark: ofmipd vs bare aiosmtpd vs Postfix+Dovecot (`python -m bench`)."""

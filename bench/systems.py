@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,9 @@ class Workspace:
         self.sink.write_text("#!/bin/sh\nexec cat >/dev/null\n")
         self.sink.chmod(0o755)
         self.slow = root / "slow-checkpassword"
+        # All load comes from 127.0.0.1; ofmipd's per-address limit (default 10) would refuse it.
+        self.config = root / "ofmipd.toml"
+        self.config.write_text("max_per_ip = 100000\n")
         self.logs = root / "logs"
         self.logs.mkdir(exist_ok=True)
 
@@ -147,12 +151,13 @@ class Processes:
 
 
 def ofmipd_args(
-    ws: Workspace, delivery: str, name: str, auth: list[str], port: int, extra: list[str] = ()
+    ws: Workspace, delivery: str, name: str, auth: list[str], port: int, extra: Sequence[str] = ()
 ) -> list[str]:
     tls = ["--tls", "optional", "--ssl-cert", str(ws.cert), "--ssl-key", str(ws.key)]
     return [
         PYTHON, "-m", "ofmipd", "-p", f"127.0.0.1:{port}", "-C", CONNECTIONS,
-        "--hostname", "ofmipd.bench", *auth, *ws.delivery_args(delivery, name), *tls, *extra,
+        "--hostname", "ofmipd.bench", "--config", str(ws.config), *auth,
+        *ws.delivery_args(delivery, name), *tls, *extra,
     ]  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from ofmipd.auth import Chain
 from ofmipd.config import Config
 from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
+from ofmipd.metrics import Metrics
 
 
 def default_hostname() -> str:
@@ -45,6 +46,9 @@ class App:
     rules: Any | None = None
     proxy_trust: Any | None = None
     proxy_timeout: float = 10.0
+    senders: Any | None = None
+    limiter: Any | None = None
+    metrics: Any = field(default_factory=lambda: Metrics())
     reverse_dns: bool = True
     instance_id: str = field(default_factory=lambda: secrets.token_hex(2))
 
@@ -131,7 +135,17 @@ def build_rules(config: Config) -> Any | None:
     return Rules.from_config(list(config.rule_tables), config.source)
 
 
-def build_app(config: Config) -> App:
+def build_limiter(config: Config) -> Any | None:
+    if not config.ratelimit or config.ratelimit == "off":
+        return None
+    from ofmipd.ratelimit import parse_ratelimit
+
+    return parse_ratelimit(config.ratelimit, {"fail_open": config.ratelimit_fail_open})
+
+
+def build_app(config: Config, previous: App | None = None) -> App:
+    """`previous` is the running App on a reload: its rate-limit state and metrics
+    endpoint carry over, so a SIGHUP neither forgets failures nor rebinds a port."""
     chain = build_chain(config)
     mechanisms = ("PLAIN", "LOGIN") + (("CRAM-MD5",) if chain.supports_cram_md5 else ())
     app = App(
@@ -150,6 +164,17 @@ def build_app(config: Config) -> App:
         else:
             app.starttls_context = context
     app.rules = build_rules(config)
+    app.reverse_dns = config.reverse_dns
+    if previous is not None and previous.config.ratelimit == config.ratelimit:
+        app.limiter = previous.limiter
+    else:
+        app.limiter = build_limiter(config)
+    if previous is not None:
+        app.metrics = previous.metrics
+    if config.sender_map:
+        from ofmipd.senders import SenderMap
+
+        app.senders = SenderMap.from_file(config.sender_map)
     if config.proxy_protocol:
         from ofmipd.proxy import TrustedProxies
 

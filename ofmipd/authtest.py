@@ -15,10 +15,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ofmipd import identity
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tls",
         choices=("optional", "localoptional", "on"),
-        help="the STARTTLS mode to assume (default: the config's)",
+        help="assume this STARTTLS mode when applying the rules (default: the config's)",
     )
     parser.add_argument(
         "--all", action="store_true", help="try every backend, not just until the first accept"
@@ -75,12 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace) -> Config:
     base = load_toml(args.config) if args.config else Config()
-    config = merge(base, {"auth": auth_specs(args), "rules": args.rules, "tls": args.tls})
+    config = merge(base, {"auth": auth_specs(args), "rules": args.rules})
     if not config.auth:
         raise ConfigError(
             "no authenticator configured: give -a, --htpasswd, -A, -m, -R or --config"
         )
-    return validate(config)  # what the server would refuse to start with is an error here too
+    config = validate(config)  # what the server would refuse to start with is an error here too
+    # --tls is a what-if for the rules display, so it needs no certificate.
+    return replace(config, tls=args.tls) if args.tls else config
 
 
 def client_from_args(args: argparse.Namespace) -> identity.ClientIdentity:
@@ -234,7 +237,7 @@ def render_text(result: dict[str, Any]) -> str:
         view_notes.append(
             "AUTH only after STARTTLS" + ("" if client["tls_possible"] else " (no TLS!)")
         )
-    rule = client["rule"] if client["rule"] != "default" else "no host rule applies"
+    rule = client["rule"] if client["rule"] != "default" else "no host rules configured"
     lines = [f"client {where}: {rule}" + (f": {', '.join(view_notes)}" if view_notes else "")]
     lines += client["ipauthmap"]  # where the remote IMAP/POP3 check goes for this client
     for a in result["attempts"]:
@@ -266,13 +269,11 @@ def read_fd3() -> bytes | None:
     return data
 
 
-def checkpassword(config: Config, prog: list[str]) -> int:
+def checkpassword(chain: Chain, prog: list[str]) -> int:
     """The DJB interface: credentials on fd 3; exit 1 reject, 111 temporary failure, 2 misuse.
 
     Nothing goes to stdout: under qmail-popup it is the client's connection.
     """
-    from ofmipd.assemble import build_chain
-
     data = read_fd3()
     if data is None:
         print("ofmipd-authtest: --checkpassword: nothing to read on fd 3", file=sys.stderr)
@@ -285,14 +286,13 @@ def checkpassword(config: Config, prog: list[str]) -> int:
     user, password = parts[0], parts[1]
     # The consumer (ofmipd, qmail-popup, Dovecot) describes the client in TCPREMOTEIP & co.
     client = identity.from_environment(os.environ, identity.ClientIdentity(ip=""))
-    chain = build_chain(config)
     decision = asyncio.run(authenticate(chain, user, password, client, try_all=False))
     del password, data, parts
     attempt = decision.decided_by
     # One line for the consumer's log (Dovecot logs stderr as errors, so not on success).
     if attempt is not None and decision.verdict is not Verdict.ACCEPT:
-        print(f"ofmipd-authtest: {decision.user or '-'}: {decision.verdict.value} by "
-              f"{attempt.backend} ({attempt.outcome.reason})", file=sys.stderr)  # fmt: skip
+        print(f"ofmipd-authtest: {decision.user or '-'}: {decision.verdict.value} "
+              f"({attempt.backend}: {attempt.outcome.reason})", file=sys.stderr)  # fmt: skip
     if decision.verdict is not Verdict.ACCEPT:
         return EXIT[decision.verdict]
     if not prog:
@@ -308,21 +308,40 @@ def checkpassword(config: Config, prog: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Backends log to "ofmipd.*"; one line each on stderr, never on stdout (--json, fd 1).
-    logging.basicConfig(level=logging.WARNING, format="ofmipd-authtest: %(name)s: %(message)s")
+    # Messages logged while building the chain wait: a ConfigError replaces them all, so a
+    # bad configuration stays one line (as in ofmipd's own start-up).
+    root = logging.getLogger()
+    early = logging.handlers.MemoryHandler(capacity=10000, flushLevel=logging.CRITICAL + 1)
+    root.addHandler(early)
+    root.setLevel(logging.WARNING)
     try:
         config = load_config(args)
+        from ofmipd.assemble import build_chain
+
         if args.checkpassword is not None:
             if args.user:
                 raise ConfigError("--checkpassword reads the user from fd 3, not the arguments")
-            return checkpassword(config, args.checkpassword)
-        if not args.user:
-            raise ConfigError("which user? give the login name as the last argument")
-        from ofmipd.assemble import build_chain
-
-        client = client_from_args(args)
-        chain = build_chain(config)
-        view = describe_client(config, chain, client)
+            chain = build_chain(config)
+        else:
+            if not args.user:
+                raise ConfigError("which user? give the login name as the last argument")
+            chain = build_chain(config)
+            view = describe_client(config, chain, client_from_args(args))
+    except ConfigError as error:
+        print(f"ofmipd-authtest: {error}", file=sys.stderr)
+        return 2
+    finally:
+        root.removeHandler(early)
+    # Backends log to "ofmipd.*": lines on stderr, never on stdout (--json; checkpassword's
+    # stdout may be the client's connection).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ofmipd-authtest: %(message)s"))
+    root.addHandler(handler)
+    for record in early.buffer:
+        handler.handle(record)
+    if args.checkpassword is not None:
+        return checkpassword(chain, args.checkpassword)
+    try:
         password = read_password()
     except ConfigError as error:
         print(f"ofmipd-authtest: {error}", file=sys.stderr)

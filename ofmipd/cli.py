@@ -9,6 +9,7 @@ import argparse
 import logging
 import logging.handlers
 import sys
+from dataclasses import fields
 from typing import Any
 
 from ofmipd import __version__, logs
@@ -207,6 +208,81 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="run with the user name before delivery; non-zero exit refuses",
     )
+    limits = parser.add_argument_group("limits and abuse resistance")
+    limits.add_argument(
+        "--size-limit",
+        type=int,
+        metavar="BYTES",
+        help="largest message (default 35 MiB; SIZE is advertised)",
+    )
+    limits.add_argument(
+        "--max-recipients", type=int, metavar="N", help="recipients per message (default 100)"
+    )
+    limits.add_argument(
+        "--max-errors",
+        type=int,
+        metavar="N",
+        help="error replies before 421 and close (default 20)",
+    )
+    limits.add_argument(
+        "--max-commands",
+        type=int,
+        metavar="N",
+        help="uses of one command per session (default 1000)",
+    )
+    limits.add_argument(
+        "--max-per-ip",
+        type=int,
+        metavar="N",
+        help="simultaneous sessions from one address (default 10)",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait for a command at most this long (default 300)",
+    )
+    limits.add_argument(
+        "--data-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time allowed for a whole DATA transfer (default 600)",
+    )
+    limits.add_argument(
+        "--delivery-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time allowed for the injector and throttle script (default 300)",
+    )
+    limits.add_argument(
+        "--auth-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time allowed for each authenticator (default 30)",
+    )
+    limits.add_argument(
+        "--sender-map",
+        metavar="FILE",
+        help="user -> allowed envelope senders; others get 553 5.7.1",
+    )
+    limits.add_argument(
+        "--ratelimit",
+        metavar="memory|redis://HOST:PORT/DB|off",
+        help="lock out repeated AUTH failures per client and per user",
+    )
+    limits.add_argument(
+        "--ratelimit-fail-closed",
+        action="store_true",
+        default=None,
+        help="refuse logins when the Redis rate-limit store is down",
+    )
+    limits.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    limits.add_argument(
+        "--no-reverse-dns",
+        action="store_true",
+        default=None,
+        help="do not look up client names for the Received header",
+    )
     add_auth_options(parser)
     tmda = parser.add_argument_group("accepted for tmda-ofmipd compatibility, no effect")
     tmda.add_argument("-c", "--configdir", help=argparse.SUPPRESS)
@@ -226,29 +302,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         parse_listen(x, ipv6=True) for x in args.ipv6proxyport
     )
     proxies = tuple(x for x in (args.proxy_protocol or "").split(",") if x.strip())
-    flags = {
-        "listen": listen,
-        "one_session": args.one_session,
-        "connections": args.connections,
-        "background": args.background,
-        "username": args.username,
-        "hostname": args.hostname,
-        "debug": args.debug,
-        "log": args.log,
-        "syslog": args.syslog,
-        "auth": auth_specs(args),
-        "sendmail": args.sendmail,
-        "maildir": args.maildir,
-        "throttle_script": args.throttle_script,
-        "ssl": args.ssl,
-        "tls": args.tls,
-        "ssl_cert": args.ssl_cert,
-        "ssl_key": args.ssl_key,
-        "ciphers": args.ciphers,
-        "tls_in_front": args.tls_in_front,
-        "rules": args.rules,
-        "proxy_protocol": proxies,
-    }
+    # Flags named like Config fields carry over as they are; None means "not given".
+    flags = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+    flags.update(
+        listen=listen,
+        auth=auth_specs(args),
+        proxy_protocol=proxies,
+        ratelimit_fail_open=False if args.ratelimit_fail_closed else None,
+        reverse_dns=False if args.no_reverse_dns else None,
+    )
     return validate(merge(base, flags))
 
 

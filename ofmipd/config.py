@@ -54,6 +54,15 @@ class Config:
     size_limit: int = 35 * 1024 * 1024
     idle_timeout: float = 300.0
     max_recipients: int = 100
+    data_timeout: float = 600.0
+    max_errors: int = 20  # like Postfix's smtpd_hard_error_limit
+    max_commands: int = 1000  # per command name and session
+    max_per_ip: int = 10  # simultaneous sessions from one client address (daemon mode)
+    sender_map: str | None = None
+    ratelimit: str | None = None  # "memory" (default when set), "redis://...", or "off"
+    ratelimit_fail_open: bool = True
+    metrics: str | None = None  # HOST:PORT of a Prometheus endpoint
+    reverse_dns: bool = True
     source: str = "command line"
 
     @property
@@ -142,6 +151,15 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         "size_limit": int,
         "idle_timeout": (int, float),
         "max_recipients": int,
+        "data_timeout": (int, float),
+        "max_errors": int,
+        "max_commands": int,
+        "max_per_ip": int,
+        "sender_map": str,
+        "ratelimit": str,
+        "ratelimit_fail_open": bool,
+        "metrics": str,
+        "reverse_dns": bool,
         "tls_in_front": bool,
     }
     for key, expected in simple.items():
@@ -227,6 +245,19 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"--connections {config.connections}: must be a positive integer")
     if config.sendmail and config.maildir:
         raise ConfigError("--sendmail and --maildir exclude each other: choose one delivery")
+    for name in ("max_recipients", "max_errors", "max_commands", "max_per_ip"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} {getattr(config, name)}: must be a positive integer")
+    for name in ("idle_timeout", "data_timeout", "delivery_timeout", "auth_timeout"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} {getattr(config, name)}: must be positive")
+    if config.one_session and config.metrics:
+        raise ConfigError("--metrics needs daemon mode: a one-session process lives too briefly")
+    if config.one_session and config.ratelimit == "memory":
+        raise ConfigError(
+            "--ratelimit memory forgets everything when a one-session process "
+            "ends; use --ratelimit redis://HOST:PORT/DB"
+        )
     if config.size_limit < 1024:
         raise ConfigError(f"size_limit {config.size_limit}: too small")
     return config

@@ -9,6 +9,7 @@ App from the configuration (certificates, rules, backends) for new sessions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import signal
@@ -93,6 +94,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.sessions: set[SubmissionServer] = set()
         self.handshakes: set[asyncio.Task[None]] = set()
+        self.per_ip: collections.Counter[str] = collections.Counter()
 
     def identify(self, transport: asyncio.BaseTransport) -> identity.ClientIdentity:
         client = identity.from_socket(
@@ -118,9 +120,29 @@ class Daemon:
                 log.warning("accept failed: %s", error)
                 await asyncio.sleep(0.1)
                 continue
+            if not self.admit(conn):
+                continue
             task = asyncio.create_task(self.start_session(conn))
             self.handshakes.add(task)
             task.add_done_callback(self.handshakes.discard)
+
+    def admit(self, conn: socket.socket) -> bool:
+        """Simultaneous sessions per client address (the transport peer: behind a PROXY
+        sender every client shares its address, so the limit then applies to the proxy)."""
+        try:
+            ip = identity.normalise_ip(conn.getpeername()[0])
+        except (OSError, IndexError):
+            ip = ""
+        if ip and self.per_ip[ip] >= self.app.config.max_per_ip and not self.app.proxy_trust:
+            log.warning("refused %s: %d sessions already", ip, self.per_ip[ip])
+            try:
+                conn.send(b"421 4.7.0 Too many connections from your address\r\n")
+            except OSError:
+                pass
+            conn.close()
+            self.slots.release()
+            return False
+        return True
 
     async def start_session(self, conn: socket.socket) -> None:
         app = self.app  # a session keeps the App it started with across a reload
@@ -132,9 +154,17 @@ class Daemon:
                 app, self.identify, implicit_tls=app.implicit_tls_context is not None
             )
             self.sessions.add(server)
+            try:
+                ip = identity.normalise_ip(conn.getpeername()[0])
+            except (OSError, IndexError):
+                ip = ""
+            self.per_ip[ip] += 1
 
             def ended() -> None:
                 self.sessions.discard(server)
+                self.per_ip[ip] -= 1
+                if self.per_ip[ip] <= 0:
+                    del self.per_ip[ip]
                 self.slots.release()
 
             server.on_end = ended
@@ -160,7 +190,7 @@ class Daemon:
 
     def reload(self) -> None:
         try:
-            self.app = build_app(self.config_loader())
+            self.app = build_app(self.config_loader(), previous=self.app)
         except ConfigError as error:
             log.error("reload failed, keeping the running configuration: %s", error)
             return
@@ -180,12 +210,13 @@ class Daemon:
         for sock in self.sockets:
             sock.close()
         log.info("stopping: %d sessions in progress", len(self.sessions))
+        for server in list(self.sessions):
+            server.begin_shutdown()
         deadline = loop.time() + GRACE_SECONDS
         while self.sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for server in list(self.sessions):
-            if server.transport is not None:
-                server.transport.close()
+            server.say_goodbye("421 4.3.2 Service shutting down, try again later")
         log.info("stopped")
 
 
@@ -202,6 +233,14 @@ def serve_daemon(app: App, config_loader: Callable[[], Config]) -> int:
         return 2
     if config.background:
         daemonize()
+    if config.metrics:
+        from ofmipd.metrics import serve
+
+        try:
+            app.metrics = serve(config.metrics)
+        except ConfigError as error:
+            print(f"ofmipd: {error}", file=sys.stderr)
+            return 2
     logs.setup(
         debug=config.debug, syslog=config.syslog or config.background, stderr=not config.background
     )

@@ -16,12 +16,13 @@ import socket
 import time
 from base64 import b64encode
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from ofmipd import mechanisms
-from ofmipd.auth import Decision, Verdict
+from ofmipd.auth import Chain, Decision, Verdict
 from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
 from ofmipd.identity import ClientIdentity
 from ofmipd.policy import ClientPolicy, decide
@@ -37,6 +38,7 @@ REPLY_AUTH_BAD = "535 5.7.8 Authentication credentials invalid"
 REPLY_AUTH_TEMP = "454 4.7.0 Temporary authentication failure"
 REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_NEED_AUTH = "530 5.7.0 Authentication required"
+REPLY_TOO_MANY = "454 4.7.0 Too many authentication failures, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 
 # RFC 2034 asks for an enhanced code on every 2xx/4xx/5xx reply after EHLO; these
@@ -70,12 +72,37 @@ _AUTH_LINE = re.compile(rb"^\s*AUTH\s+\S+\s+\S", re.IGNORECASE)
 _sequence = iter(range(1, 1 << 62))
 
 
+# aiosmtpd's wording, replaced where RFC or habit has a clearer one.
+_REWORDED = {
+    "500 Command line too long": "500 5.5.2 Line too long",
+    "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed limit",
+}
+
+
 def with_enhanced_code(line: str) -> str:
     code = line[:3]
     if len(line) < 4 or line[3] != " " or _HAS_ENHANCED.match(line):
         return line
     extra = _DEFAULT_ENHANCED.get(code)
     return f"{code} {extra} {line[4:]}" if extra else line
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the client sent: a password, or a CRAM-MD5 challenge and digest."""
+
+    user: bytes
+    password: bytes = b""
+    challenge: bytes = b""
+    digest: str = ""
+
+    def __repr__(self) -> str:
+        return f"Credentials(user={self.user!r}, <redacted>)"
+
+    async def check(self, chain: Chain, client: ClientIdentity) -> Decision:
+        if self.digest:
+            return await chain.authenticate_cram_md5(self.user, self.challenge, self.digest, client)
+        return await chain.authenticate(self.user, self.password, client)
 
 
 class SubmissionSession(Session):
@@ -109,6 +136,11 @@ class SubmissionServer(SMTP):
         self.last_user: str | None = None
         self.last_backend: str | None = None
         self._plain_replies = False
+        self.errors = 0
+        self.counted = False
+        self.result: str | None = None
+        self.busy = False
+        self.draining = False
         self._reverse: asyncio.Task[str | None] | None = None
         self.on_end: Callable[[], None] | None = None  # the launcher's bookkeeping
         super().__init__(
@@ -120,6 +152,7 @@ class SubmissionServer(SMTP):
             timeout=app.config.idle_timeout,
             auth_required=False,
             auth_require_tls=False,  # ofmipd's policy decides, from identity and rules
+            command_call_limit={"*": app.config.max_commands},
             loop=asyncio.get_running_loop(),
         )
         # aiosmtpd keeps these on the class, shared by every connection; make them ours.
@@ -158,7 +191,10 @@ class SubmissionServer(SMTP):
             self.client.local_port,
             self.policy.rule,
         )
+        self.app.metrics.session_started()
+        self.counted = True
         if self.policy.deny:
+            self.result = "refused"
             await self.push(self.policy.deny_message)
             self._close()
             return
@@ -185,6 +221,14 @@ class SubmissionServer(SMTP):
             self.transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
+        try:
+            self._account_for_end()
+        finally:  # the launcher's slot must come back whatever happened above
+            if self.on_end is not None:
+                self.on_end()
+            super().connection_lost(error)
+
+    def _account_for_end(self) -> None:
         log.info(
             "session %s: end client=%s port=%s source=%s tls=%s user=%s backend=%s messages=%d"
             " seconds=%.3f",
@@ -200,25 +244,77 @@ class SubmissionServer(SMTP):
         )
         if self._reverse is not None:
             self._reverse.cancel()
-        if self.on_end is not None:
-            self.on_end()
-        super().connection_lost(error)
+        if self.counted:
+            if self.result is None:
+                authenticated = self.last_user is not None
+                self.result = (
+                    "authenticated"
+                    if authenticated
+                    else ("relay" if self.policy.relay else "unauthenticated")
+                )
+            self.app.metrics.session_ended(self.result)
 
     @property
     def tls_active(self) -> bool:
-        if self._tls_protocol is not None or self.client.tls_in_front:
-            return True
-        transport = self.transport
-        return transport is not None and transport.get_extra_info("ssl_object") is not None
+        return self.implicit_tls or self._tls_protocol is not None or self.client.tls_in_front
 
     # ---- replies --------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._plain_replies:
-            status = with_enhanced_code(status)
+            status = with_enhanced_code(_REWORDED.get(status, status))
         if self.app.config.debug:
             log.debug("session %s << %s", self.session_id, status)
         await super().push(status)
+        code = status[:1] if isinstance(status, str) else ""
+        if code in ("4", "5") and not status.startswith("421"):
+            self.errors += 1
+            if self.errors >= self.app.config.max_errors:
+                log.warning(
+                    "session %s: %d errors from %s, closing",
+                    self.session_id,
+                    self.errors,
+                    self.client.ip or "unknown",
+                )
+                await super().push("421 4.7.0 Too many errors, closing connection")
+                self._close()
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2: say why before closing an idle or stalled session.
+        log.info("session %s: timeout", self.session_id)
+        self.result = "timeout"
+        self.say_goodbye("421 4.4.2 Timeout exceeded, closing connection")
+
+    def say_goodbye(self, line: str) -> None:
+        """Send a last reply outside the command loop (timeouts, shutdown) and close."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(line.encode() + b"\r\n")
+            transport.close()
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: idle sessions end now; one inside AUTH or DATA finishes that first."""
+        self.draining = True
+        if not self.busy:
+            self.say_goodbye("421 4.3.2 Service shutting down, try again later")
+
+    async def _busy(self, command: Any) -> None:
+        self.busy = True
+        try:
+            await command
+        finally:
+            self.busy = False
+            if self.draining:
+                self.say_goodbye("421 4.3.2 Service shutting down, try again later")
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        async def data() -> None:
+            if self.session_state.authenticated or self.policy.relay:
+                self._reset_timeout(self.app.config.data_timeout)
+            await super(SubmissionServer, self).smtp_DATA(arg)
+
+        await self._busy(data())
 
     # ---- EHLO -----------------------------------------------------------------------
 
@@ -276,6 +372,9 @@ class SubmissionServer(SMTP):
 
     @syntax("AUTH <mechanism> [initial-response]")
     async def smtp_AUTH(self, arg: str | None) -> None:
+        await self._busy(self._auth(arg))
+
+    async def _auth(self, arg: str | None) -> None:
         session = self.session_state
         if not session.host_name or not session.extended_smtp:
             await self.push("503 5.5.1 Send EHLO first")
@@ -295,15 +394,25 @@ class SubmissionServer(SMTP):
             await self.push("504 5.5.4 Unrecognized authentication mechanism")
             return
         initial = words[1].encode("ascii", "replace") if len(words) == 2 else None
+        limiter = self.app.limiter
+        if limiter is not None and await self._refused(limiter, None):
+            return
         try:
-            decision = await self._exchange(mechanism, initial)
+            credentials = await self._read_credentials(mechanism, initial)
         except mechanisms.MalformedResponse as error:
             await self.push(str(error))
             return
-        if decision is None:  # the client cancelled, or a reply was already sent
+        if credentials is None:  # the client cancelled, or a reply was already sent
             return
+        name = credentials.user.decode("utf-8", "replace")
+        if limiter is not None and await self._refused(limiter, name):
+            return
+        decision = await credentials.check(self.app.chain, self.client)
         self._log_decision(mechanism, decision)
+        self.app.metrics.auth(mechanism, decision)
         if decision.verdict is Verdict.ACCEPT:
+            if limiter is not None:
+                await limiter.succeeded(self.client.ip, name)
             session.authenticated = True
             session.user = decision.user
             session.decision = decision
@@ -314,16 +423,44 @@ class SubmissionServer(SMTP):
         elif decision.verdict is Verdict.TEMPFAIL:
             await self.push(REPLY_AUTH_TEMP)
         else:
+            if limiter is not None:
+                lockout = await limiter.failed(self.client.ip, name)
+                if lockout is not None:
+                    self.app.metrics.ratelimit_lockout(lockout.key)
+                    authlog.warning(
+                        "lockout started: client=%s user=%s reason=%r session=%s",
+                        self.client.ip or "unknown",
+                        name,
+                        lockout.reason,
+                        self.session_id,
+                    )
+                await limiter.failure_delay()
             await self.push(REPLY_AUTH_BAD)
 
-    async def _exchange(self, mechanism: str, initial: bytes | None) -> Decision | None:
-        chain = self.app.chain
+    async def _refused(self, limiter: Any, user: str | None) -> bool:
+        """Password-guessing lock-out: refuse without asking any backend."""
+        refusal = await limiter.check(self.client.ip, user)
+        if refusal is None:
+            return False
+        authlog.warning(
+            "auth refused: client=%s user=%s reason=%r session=%s",
+            self.client.ip or "unknown",
+            user or "-",
+            refusal.reason,
+            self.session_id,
+        )
+        self.app.metrics.ratelimit_refused(refusal.key)
+        await limiter.failure_delay()
+        await self.push(REPLY_TOO_MANY)
+        return True
+
+    async def _read_credentials(self, mechanism: str, initial: bytes | None) -> Credentials | None:
         if mechanism == "PLAIN":
             blob = await self._response(b"", initial)
             if blob is None:
                 return None
             creds = mechanisms.parse_plain(blob)
-            return await chain.authenticate(creds.user, creds.password, self.client)
+            return Credentials(creds.user, creds.password)
         if mechanism == "LOGIN":
             user = await self._response(mechanisms.LOGIN_USERNAME_CHALLENGE, initial)
             if user is None:
@@ -331,7 +468,7 @@ class SubmissionServer(SMTP):
             password = await self._response(mechanisms.LOGIN_PASSWORD_CHALLENGE, None)
             if password is None:
                 return None
-            return await chain.authenticate(user, password, self.client)
+            return Credentials(user, password)
         if mechanism == "CRAM-MD5":
             if initial is not None:
                 await self.push("501 5.5.4 CRAM-MD5 takes no initial response")
@@ -341,9 +478,7 @@ class SubmissionServer(SMTP):
             if blob is None:
                 return None
             response = mechanisms.parse_cram_md5(blob)
-            return await chain.authenticate_cram_md5(
-                response.user, challenge, response.digest, self.client
-            )
+            return Credentials(response.user, challenge=challenge, digest=response.digest)
         raise AssertionError(mechanism)
 
     async def _response(self, challenge: bytes, initial: bytes | None) -> bytes | None:
@@ -436,6 +571,12 @@ class SubmissionHandler:
         refusal = server.may_send_reply()
         if refusal:
             return refusal
+        senders = self.app.senders
+        if senders is not None and session.user and not senders.allows(session.user, address):
+            log.warning(
+                "session %s: user %s may not send as <%s>", server.session_id, session.user, address
+            )
+            return f"553 5.7.1 <{address}>: Sender address not owned by user {session.user}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
@@ -482,6 +623,7 @@ class SubmissionHandler:
             client=server.client,
         )
         reply = await self.app.delivery.deliver(submission)
+        self.app.metrics.delivery(reply)
         log.info(
             "session %s: message %s from=<%s> rcpts=%d size=%d user=%s result=%s",
             server.session_id,

@@ -66,8 +66,7 @@ class Workspace:
         self.capture.mkdir()
         self.ofmipd = self._script(
             "ofmipd",
-            f"PYTHONPATH={shlex.quote(str(ROOT))} "
-            f'exec {shlex.quote(_python())} -m ofmipd "$@"',
+            f'PYTHONPATH={shlex.quote(str(ROOT))} exec {shlex.quote(_python())} -m ofmipd "$@"',
         )
         # The launcher may clean the environment: the capture directory is built in.
         self.sendmail = self._script(
@@ -148,7 +147,7 @@ class Launched:
         except ProcessLookupError:
             pass
         try:
-            self.proc.wait(10)
+            self.proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

@@ -331,7 +331,10 @@ def test_host_rules_for_remote_ip_are_shown_and_applied(authfile, rules) -> None
     assert code == 0
     assert f"rule at {rules}:3 (127.0.0.1 relay): may relay without AUTH" in out
     code, out, _ = authtest(*base, "--remote-ip", "198.51.100.1", "alice")
-    assert out.startswith("client 198.51.100.1: no host rule applies\n")
+    assert out.startswith("client 198.51.100.1: default rule (allow)\n")
+    code, out, _ = authtest("-a", str(authfile), "--remote-ip", "192.0.2.66", "alice")
+    assert code == 0
+    assert out.startswith("client 192.0.2.66: no host rules configured\n")
 
 
 def test_rules_come_from_the_config_file(tmp_path, authfile, rules) -> None:
@@ -345,6 +348,16 @@ def test_rules_come_from_the_config_file(tmp_path, authfile, rules) -> None:
     code, out, _ = authtest("--config", str(conf), "--remote-ip", "198.51.100.1", "alice")
     assert code == 0  # tls mode "on": every client must use STARTTLS, and it can
     assert "AUTH only after STARTTLS" in out.splitlines()[0]
+    tables = write(
+        tmp_path / "tables.toml",
+        '[[rule]]\nmatch = ["192.0.2.0/24", "198.51.100.7"]\naction = "deny"\n'
+        'message = "Not from there"\n'
+        f'[[auth]]\nkind = "authfile"\npath = "{authfile}"\n',
+    )
+    code, out, _ = authtest("--config", str(tables), "--remote-ip", "198.51.100.7", "alice")
+    assert code == 1
+    assert f"rule at {tables} [[rule]] #1 (198.51.100.7 deny)" in out
+    assert "client hears: 554 5.7.1 Not from there" in out
 
 
 def test_ipauthmap_routes_by_local_ip_to_a_real_imap_server(tmp_path) -> None:

@@ -7,9 +7,9 @@ import sys
 import urllib.request
 
 import pytest
+from conftest import ROOT, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, free_port
 from ofmipd.auth import Attempt, Decision, Outcome, Verdict
 from ofmipd.errors import ConfigError
 from ofmipd.metrics import Metrics, PrometheusMetrics, delivery_result, parse_address, serve

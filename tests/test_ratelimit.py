@@ -173,7 +173,9 @@ def test_memory_is_capped_least_recently_used_first() -> None:
 def test_expired_keys_are_dropped() -> None:
     clock = Clock()
     store = MemoryStore(clock=clock)
-    rl = LoginLimiter(store, max_failures=3, window=60, base_backoff=10, max_backoff=40, clock=clock)
+    rl = LoginLimiter(
+        store, max_failures=3, window=60, base_backoff=10, max_backoff=40, clock=clock
+    )
 
     async def run() -> None:
         for n in range(50):
@@ -208,7 +210,7 @@ def test_parse_ratelimit_specs_and_options() -> None:
     assert remote is not None and isinstance(remote.store, RedisStore)
     assert remote.store.timeout == 0.25
     assert "fail open" in remote.describe()
-    for spec, options, words in [
+    cases: list[tuple[str, dict[str, object], str]] = [
         ("memcached://x", {}, "unknown store"),
         ("memory", {"max_failurs": 3}, "unknown option"),
         ("memory", {"max_failures": 0}, "out of range"),
@@ -217,6 +219,7 @@ def test_parse_ratelimit_specs_and_options() -> None:
         ("memory", {"base_backoff": 100, "max_backoff": 10}, "max_backoff"),
         ("memory", {"timeout": 1}, "redis:// stores only"),
         ("redis://127.0.0.1/0", {"max_entries": 5}, "memory store only"),
-    ]:
+    ]
+    for spec, options, words in cases:
         with pytest.raises(ConfigError, match=words):
             parse_ratelimit(spec, options)

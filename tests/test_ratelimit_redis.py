@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
+
 from ofmipd.ratelimit import LoginLimiter, RedisStore, parse_ratelimit
 
 

@@ -1,0 +1,241 @@
+"""`python -m bench [--quick] [--out DIR]`: run every system, write BENCHMARKS.md and a chart.
+
+Each system is started on a free loopback port, measured with the same load, and
+stopped again (also on Ctrl-C or failure). Runs are interleaved across systems: run 1
+of every system, then run 2 of every system, and so on, in a rotating order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench import extras, load, report, systems
+from bench.systems import ROOT, Processes, Workspace
+
+
+def sessions_for(system: str, concurrency: int, quick: bool) -> int:
+    if system in systems.TCPSERVER_SYSTEMS:  # a Python start per session: keep them few
+        return max(6, concurrency) if quick else max(30, 2 * concurrency)
+    return max(20, 2 * concurrency) if quick else max(100, 6 * concurrency)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, ws: Workspace, procs: Processes) -> None:
+        self.args, self.ws, self.procs = args, ws, procs
+        self.quick = args.quick
+        self.runs = args.runs or (1 if self.quick else 3)
+        self.sweep = (1, 10) if self.quick else (1, 10, 20, 50)
+        self.variant_c = 10
+        self.systems = tuple(s for s in systems.SYSTEMS if s not in args.skip)
+        self.results: dict[str, list[dict[str, float]]] = {}
+        self.side: dict[str, object] = {}
+        self.started = time.monotonic()
+
+    def say(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{elapsed:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def measure(self, system: str, port: int, key: str, c: int, tls: bool) -> None:
+        n = sessions_for(system, c, self.quick)
+        progress = load.Progress(f"{key} {system}", n, enabled=sys.stderr.isatty())
+        result = asyncio.run(
+            load.run_load("127.0.0.1", port, sessions=n, concurrency=c, starttls=tls,
+                          progress=progress)
+        )  # fmt: skip
+        row = asdict(result) | {"rate": result.rate}
+        self.results.setdefault(f"{key}|{system}", []).append(row)
+
+    def throughput(self) -> None:
+        groups = {
+            "maildir": [(c, False) for c in self.sweep] + [(self.variant_c, True)],
+            "sendmail": [(self.variant_c, False), (self.variant_c, True)],
+        }
+        if self.variant_c in self.sweep:
+            groups["maildir"] = list(dict.fromkeys(groups["maildir"]))
+        for delivery, points in groups.items():
+            running = {}
+            try:
+                for system in self.systems:
+                    self.say(f"starting {system} ({delivery})")
+                    running[system] = systems.start(self.procs, self.ws, system, delivery)
+                    for tls in (False, True):  # warm-up, not recorded
+                        port = running[system].port
+                        asyncio.run(
+                            load.run_load(
+                                "127.0.0.1", port, sessions=5, concurrency=5, starttls=tls
+                            )
+                        )
+                for run in range(self.runs):
+                    order = list(self.systems)
+                    order = order[run % len(order) :] + order[: run % len(order)]
+                    for c, tls in points:
+                        key = f"{delivery}|{'starttls' if tls else 'plain'}|{c}"
+                        for system in order:
+                            self.say(f"run {run + 1}/{self.runs} {key} {system}")
+                            self.measure(system, running[system].port, key, c, tls)
+            finally:
+                for r in running.values():
+                    r.stop()  # type: ignore[operator]
+
+    def exec_to_banner(self) -> None:
+        commands = extras.exec_commands(self.ws)
+        reps = 3 if self.quick else 10
+        runs: dict[str, list[float]] = {name: [] for name in commands}
+        for run in range(self.runs):
+            self.say(f"exec-to-banner run {run + 1}/{self.runs}")
+            for name, argv in commands.items():
+                runs[name].append(
+                    statistics.median(extras.exec_to_banner(argv) for _ in range(reps))
+                )
+        self.side["exec"] = {"reps": reps, "runs": runs}
+
+    def memory(self) -> None:
+        count = 100 if self.quick else 1000
+        extras.raise_fd_limit(4 * count + 256)
+        runs: dict[str, list[float]] = {"ofmipd": [], "bare-aiosmtpd": []}
+        for run in range(self.runs):
+            for name in runs:
+                self.say(f"memory run {run + 1}/{self.runs} {name} ({count} connections)")
+                if name == "ofmipd":
+                    server = extras.start_ofmipd(
+                        self.procs, self.ws, "mem-ofmipd", ["-a", str(self.ws.users)],
+                        ["-C", "2000"],
+                    )  # fmt: skip
+                else:
+                    server = systems.start_custom(
+                        self.procs, self.ws, "mem-bare",
+                        lambda p: [*systems.bare_args(self.ws, "maildir", "mem"),
+                                   "--listen", f"127.0.0.1:{p}"],
+                    )  # fmt: skip
+                try:
+                    runs[name].append(
+                        asyncio.run(extras.memory_per_connection(server.pid, server.port, count))
+                    )
+                finally:
+                    server.stop()  # type: ignore[operator]
+        self.side["memory"] = {"connections": count, "runs": runs}
+
+    def slow_logins(self) -> None:
+        clients = 20 if self.quick else 50
+        server = extras.start_ofmipd(
+            self.procs, self.ws, "slow-logins",
+            ["-a", str(self.ws.users), "-A", "sleep 2; exit 1"],
+        )  # fmt: skip
+        runs: dict[str, list[list[float]]] = {"none": [], "5 slow": []}
+        try:
+            asyncio.run(load.run_load("127.0.0.1", server.port, sessions=5, concurrency=5))
+            for run in range(self.runs):
+                for name, slow in (("none", 0), ("5 slow", 5)):
+                    self.say(f"slow logins run {run + 1}/{self.runs}: {name}")
+                    banner, session = asyncio.run(
+                        extras.banner_under_slow_logins(server.port, slow, clients)
+                    )
+                    runs[name].append([banner, session])
+        finally:
+            server.stop()  # type: ignore[operator]
+        self.side["slow"] = {"clients": clients, "runs": runs}
+
+    def auth_cost(self) -> None:
+        sessions = 10 if self.quick else 40
+        reps = 20 if self.quick else 200
+        rtt: dict[str, list[float]] = {}
+        servers = {}
+        try:
+            for name, auth in extras.auth_backends(self.ws).items():
+                servers[name] = extras.start_ofmipd(self.procs, self.ws, f"auth-{name[:8]}", auth)
+            servers["bare aiosmtpd (dict)"] = systems.start_custom(
+                self.procs, self.ws, "auth-bare",
+                lambda p: [*systems.bare_args(self.ws, "maildir", "auth"),
+                           "--listen", f"127.0.0.1:{p}"],
+            )  # fmt: skip
+            for server in servers.values():
+                asyncio.run(load.run_load("127.0.0.1", server.port, sessions=3, concurrency=1))
+            for run in range(self.runs):
+                for name, server in servers.items():
+                    self.say(f"AUTH latency run {run + 1}/{self.runs}: {name}")
+                    result = asyncio.run(
+                        load.run_load("127.0.0.1", server.port, sessions=sessions, concurrency=1)
+                    )
+                    rtt.setdefault(name, []).append(result.auth_p50)
+        finally:
+            for server in servers.values():
+                server.stop()  # type: ignore[operator]
+        verify: dict[str, float] = {}
+        primitive: dict[str, tuple[str, float]] = {}
+        for name, (kind, arg) in extras.backend_specs(self.ws).items():
+            verify[name] = extras.verify_cost(kind, arg, reps)
+            primitive[name] = extras.primitive_cost(name, self.ws, reps)
+        self.side["auth"] = {
+            "sessions": sessions, "rtt": rtt, "verify": verify, "primitive": primitive,
+        }  # fmt: skip
+
+    def run(self) -> None:
+        self.throughput()
+        self.exec_to_banner()
+        self.memory()
+        self.slow_logins()
+        self.auth_cost()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    parser.add_argument("--out", type=Path, help="directory for BENCHMARKS.md and the chart "
+                        "(default: the repository, chart in bench/)")  # fmt: skip
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick 1)")
+    parser.add_argument("--skip", action="append", default=[], choices=systems.SYSTEMS,
+                        help="leave a system out (repeatable)")  # fmt: skip
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    args = parser.parse_args()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        md, png, raw = args.out / "BENCHMARKS.md", args.out / "sessions.png", args.out
+    else:
+        md, png, raw = ROOT / "BENCHMARKS.md", ROOT / "bench" / "sessions.png", None
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwind through every finally, stopping what we started
+
+    signal.signal(signal.SIGTERM, terminate)
+    temp = Path(tempfile.mkdtemp(prefix="ofmipd-bench-"))
+    temp.chmod(0o755)
+    procs = Processes()
+    bench = None
+    try:
+        ws = Workspace(temp)
+        bench = Bench(args, ws, procs)
+        bench.run()
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        return 130
+    except Exception as error:
+        print(f"\nbench failed: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"logs: {temp / 'logs'}", file=sys.stderr)
+        args.keep = True
+        return 1
+    finally:
+        procs.stop_all()
+        if not args.keep:
+            shutil.rmtree(temp, ignore_errors=True)
+    data = {"quick": args.quick, "runs": bench.runs, "results": bench.results, "side": bench.side,
+            "systems": list(bench.systems), "sweep": list(bench.sweep),
+            "variant_c": bench.variant_c, "seconds": time.monotonic() - bench.started}  # fmt: skip
+    if raw is not None:
+        (raw / "results.json").write_text(json.dumps(data, indent=1))
+    report.write(data, md, png)
+    print(f"wrote {md} and {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

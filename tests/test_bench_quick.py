@@ -1,0 +1,61 @@
+"""`python -m bench --quick` runs end to end: every system completes every session.
+
+Only correctness is asserted (exit 0, every measured point has all its sessions, the
+report and chart exist), never speed: the machine running the tests may be busy.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = {
+    "ofmipd",
+    "ofmipd-htpasswd",
+    "bare-aiosmtpd",
+    "postfix-dovecot",
+    "ofmipd-1-tcpserver",
+    "bare-1-tcpserver",
+}
+
+
+@pytest.mark.timeout(900)
+def test_quick_bench_completes_every_session(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=850,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    seen = set()
+    for key, runs in data["results"].items():
+        delivery, tls, concurrency, system = key.split("|")
+        seen.add(system)
+        assert len(runs) == data["runs"], key
+        for run in runs:
+            assert run["sessions"] >= 6, key
+            assert run["concurrency"] == int(concurrency), key
+            assert run["rate"] > 0, key
+    assert seen == SYSTEMS
+    # every system measured at every point: 2 sweep points + 3 variants
+    assert len(data["results"]) == len(SYSTEMS) * 5
+    side = data["side"]
+    assert set(side["exec"]["runs"]) == {"ofmipd -1", "bare aiosmtpd one-session", "python -c pass"}
+    assert set(side["memory"]["runs"]) == {"ofmipd", "bare-aiosmtpd"}
+    assert set(side["slow"]["runs"]) == {"none", "5 slow"}
+    assert len(side["auth"]["rtt"]) == 4
+    report = (out / "BENCHMARKS.md").read_text()
+    assert "ofmipd ÷" in report and "not implemented" in report
+    assert (out / "sessions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # nothing the benchmark started is left running
+    left = subprocess.run(["pgrep", "-f", "ofmipd-bench-"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", left.stdout

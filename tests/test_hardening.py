@@ -1,0 +1,355 @@
+"""Abuse resistance on a real daemon: limits, protocol tricks, lock-outs, sender policy."""
+
+from __future__ import annotations
+
+import base64
+import resource
+import smtplib
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import free_port
+from tests.ofmipd_server import CAPTURE, Daemon, captured_messages, server_env
+
+PASSWORD = "Hard-Pass-5"
+PLAIN = base64.b64encode(f"\0gina\0{PASSWORD}".encode())
+
+
+@pytest.fixture
+def users(tmp_path):
+    path = tmp_path / "users"
+    path.write_text(f"gina:{PASSWORD}\nhank:hank-pw\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def capture(tmp_path):
+    d = tmp_path / "capture"
+    d.mkdir()
+    return d
+
+
+def start(tmp_path, users, capture, *args):
+    port = free_port()
+    return Daemon(
+        [
+            "-p",
+            f"127.0.0.1:{port}",
+            "--hostname",
+            "mx.test",
+            "-a",
+            str(users),
+            "--sendmail",
+            CAPTURE,
+            *args,
+        ],
+        port,
+        tmp_path,
+        env=server_env(CAPTURE_DIR=str(capture)),
+    )
+
+
+@pytest.fixture
+def server(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--size-limit", "20000", "--max-recipients", "5")
+    yield daemon
+    daemon.stop()
+
+
+class Raw:
+    """A line-level client that can send anything, pipelined or not."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.sock = socket.create_connection((daemon.host, daemon.port), timeout=20)
+        self.reader = self.sock.makefile("rb")
+        self.banner = self.reader.readline()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> bytes:
+        """The last line of the next (possibly multi-line) reply."""
+        while True:
+            line = self.reader.readline()
+            if not line:
+                raise EOFError("connection closed")
+            if line[3:4] != b"-":
+                return line.rstrip(b"\r\n")
+
+    def command(self, line: bytes) -> bytes:
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def login(self) -> None:
+        assert self.command(b"EHLO raw.test").startswith(b"250 ")
+        assert self.command(b"AUTH PLAIN " + PLAIN).startswith(b"235 ")
+
+    def closed(self) -> bool:
+        try:
+            return self.reader.readline() == b""
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def test_long_command_line_is_500_and_session_continues(server):
+    raw = Raw(server)
+    assert raw.command(b"NOOP " + b"x" * 600).startswith(b"500 5.5.2")
+    assert raw.command(b"NOOP " + b"x" * 5000).startswith(b"500 5.5.2")
+    assert raw.command(b"NOOP").startswith(b"250")
+    raw.close()
+
+
+def test_declared_and_actual_oversize_get_552_and_nothing_delivered(server, capture):
+    raw = Raw(server)
+    raw.login()
+    assert raw.command(b"MAIL FROM:<gina@example.org> SIZE=9999999").startswith(b"552 5.3.4")
+    assert raw.command(b"MAIL FROM:<gina@example.org>").startswith(b"250")
+    assert raw.command(b"RCPT TO:<x@example.net>").startswith(b"250")
+    assert raw.command(b"DATA").startswith(b"354")
+    raw.send(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 30 + b".\r\n")
+    assert raw.reply().startswith(b"552 5.3.4")
+    raw.close()
+    assert captured_messages(capture) == []
+
+
+def test_too_many_recipients_is_452(server):
+    raw = Raw(server)
+    raw.login()
+    raw.command(b"MAIL FROM:<gina@example.org>")
+    for n in range(5):
+        assert raw.command(f"RCPT TO:<r{n}@example.net>".encode()).startswith(b"250")
+    assert raw.command(b"RCPT TO:<r6@example.net>").startswith(b"452 4.5.3")
+    raw.close()
+
+
+def test_error_limit_closes_with_421(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--max-errors", "5")
+    try:
+        raw = Raw(daemon)
+        raw.command(b"EHLO e.test")
+        replies = [raw.command(b"MAIL FROM:<a@example.org>") for _ in range(4)]
+        assert all(r.startswith(b"530") for r in replies)
+        raw.send(b"MAIL FROM:<a@example.org>\r\n")
+        assert raw.reply().startswith(b"530")
+        assert raw.reply().startswith(b"421 4.7.0")
+        assert raw.closed()
+    finally:
+        daemon.stop()
+
+
+def test_idle_timeout_says_421_before_closing(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--idle-timeout", "1")
+    try:
+        raw = Raw(daemon)
+        raw.sock.settimeout(10)
+        assert raw.reply().startswith(b"421 4.4.2")
+        assert raw.closed()
+    finally:
+        daemon.stop()
+
+
+def test_connections_per_client_address_are_limited(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--max-per-ip", "2")
+    try:
+        first, second = Raw(daemon), Raw(daemon)
+        third = socket.create_connection((daemon.host, daemon.port), timeout=10)
+        assert third.recv(200).startswith(b"421 4.7.0")
+        first.close()
+        time.sleep(0.3)
+        fourth = Raw(daemon)
+        assert fourth.banner.startswith(b"220")
+        for conn in (second, fourth):
+            conn.close()
+        third.close()
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("trick", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\r"])
+def test_smuggling_variants_never_end_the_message_early(server, capture, trick):
+    raw = Raw(server)
+    raw.login()
+    raw.command(b"MAIL FROM:<gina@example.org>")
+    raw.command(b"RCPT TO:<x@example.net>")
+    assert raw.command(b"DATA").startswith(b"354")
+    smuggled = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
+    raw.send(b"Subject: a\r\n\r\nfirst" + trick + smuggled + b"tail\r\n.\r\n")
+    assert raw.reply().startswith(b"250 ")
+    assert raw.command(b"QUIT").startswith(b"221")
+    ((env, message),) = captured_messages(capture)
+    assert "victim" not in env
+    assert b"evil@example.org" in message and b"tail" in message
+
+
+def test_pipelined_auth_and_mail_in_one_packet(server, capture):
+    raw = Raw(server)
+    raw.send(
+        b"EHLO p.test\r\nAUTH PLAIN " + PLAIN + b"\r\nMAIL FROM:<gina@example.org>\r\n"
+        b"RCPT TO:<x@example.net>\r\nDATA\r\n"
+    )
+    replies = [raw.reply() for _ in range(5)]
+    assert [r[:3] for r in replies] == [b"250", b"235", b"250", b"250", b"354"]
+    raw.send(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert raw.reply().startswith(b"250")
+    assert len(captured_messages(capture)) == 1
+
+
+def test_huge_auth_payload_nul_and_bad_utf8(server):
+    raw = Raw(server)
+    raw.command(b"EHLO h.test")
+    assert raw.command(b"AUTH PLAIN " + b"A" * 10000).startswith(b"500 5.5.2")
+    assert raw.command(b"AUTH PLAIN")[:3] == b"334"
+    assert raw.command(b"A" * 10000).startswith(b"500 5.5.6")
+    assert raw.command(b"NO\0OP")[:1] == b"5"
+    assert raw.command(b"MAIL FROM:<\xff\xfe@example.org>")[:1] == b"5"
+    assert raw.command(b"NOOP").startswith(b"250")
+    raw.close()
+
+
+def test_helo_with_a_thousand_labels_and_ten_thousand_rcpts(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--max-recipients", "5", "--max-errors", "20000")
+    try:
+        raw = Raw(daemon)
+        assert raw.command(b"EHLO " + b"a." * 1000 + b"test")[:3] in (b"250", b"500")
+        assert raw.command(b"EHLO ok.test").startswith(b"250")
+        assert raw.command(b"AUTH PLAIN " + PLAIN).startswith(b"235")
+        raw.command(b"MAIL FROM:<gina@example.org>")
+        codes: list[bytes] = []
+
+        def read_all() -> None:
+            try:
+                while True:
+                    codes.append(raw.reply()[:3])
+            except (EOFError, OSError):
+                pass
+
+        reader = threading.Thread(target=read_all)
+        reader.start()  # read while writing, or both sides' buffers fill up
+        try:
+            raw.send(b"".join(f"RCPT TO:<r{n}@example.net>\r\n".encode() for n in range(10000)))
+        except OSError:
+            pass  # closed by the command limit before we finished writing
+        rss_kb = int(open(f"/proc/{daemon.proc.pid}/status").read().split("VmRSS:")[1].split()[0])
+        reader.join(60)
+        raw.close()
+        # 5 recipients fit; each further one is refused; the 1001st RCPT crosses the
+        # per-session command limit (default 1000) and the session ends with 421.
+        assert codes[:5] == [b"250"] * 5
+        assert codes[5:1000] == [b"452"] * 995
+        assert codes[1000:] == [b"421"]
+        assert rss_kb < 150_000
+    finally:
+        daemon.stop()
+
+
+def test_error_limit_ends_a_recipient_flood(server):
+    raw = Raw(server)
+    raw.login()
+    raw.command(b"MAIL FROM:<gina@example.org>")
+    codes = [raw.command(f"RCPT TO:<r{n}@example.net>".encode())[:3] for n in range(25)]
+    assert codes[:5] == [b"250"] * 5 and codes[5:] == [b"452"] * 20  # 20 errors: the limit
+    assert raw.reply().startswith(b"421 4.7.0")
+    assert raw.closed()
+
+
+def test_repeated_failures_lock_out_without_asking_the_backend(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--ratelimit", "memory")
+    try:
+        wrong = base64.b64encode(b"\0gina\0not-it")
+        codes = []
+        for _ in range(7):
+            raw = Raw(daemon)
+            raw.command(b"EHLO l.test")
+            codes.append(raw.command(b"AUTH PLAIN " + wrong)[:3])
+            raw.close()
+        raw = Raw(daemon)
+        raw.command(b"EHLO l.test")
+        right = raw.command(b"AUTH PLAIN " + PLAIN)
+        raw.close()
+        time.sleep(0.2)
+        log = daemon.log_text()
+    finally:
+        daemon.stop()
+    assert codes[:5] == [b"535"] * 5
+    assert codes[5:] == [b"454"] * 2
+    assert right.startswith(b"454 4.7.0")  # even the right password waits out the lock
+    assert log.count("auth reject:") == 5  # the backend was not asked again
+    assert "auth refused: client=127.0.0.1" in log
+
+
+def test_sender_map_refuses_foreign_senders(tmp_path, users, capture):
+    senders = tmp_path / "senders"
+    senders.write_text("gina  gina@example.org, @gina.example\n* @example.net\n")
+    daemon = start(tmp_path, users, capture, "--sender-map", str(senders))
+    try:
+        raw = Raw(daemon)
+        raw.login()
+        assert raw.command(b"MAIL FROM:<boss@example.org>").startswith(b"553 5.7.1")
+        assert raw.command(b"MAIL FROM:<any@gina.example>").startswith(b"250")
+        raw.command(b"RSET")
+        assert raw.command(b"MAIL FROM:<Gina@Example.org>").startswith(b"250")
+        raw.command(b"RSET")
+        assert raw.command(b"MAIL FROM:<>").startswith(b"250")
+        raw.close()
+    finally:
+        daemon.stop()
+
+
+def test_metrics_endpoint_counts_sessions_auth_and_deliveries(tmp_path, users, capture):
+    metrics_port = free_port()
+    daemon = start(tmp_path, users, capture, "--metrics", f"127.0.0.1:{metrics_port}")
+    try:
+        with smtplib.SMTP(daemon.host, daemon.port, timeout=20) as s:
+            s.ehlo("m.test")
+            assert s.login("gina", PASSWORD)[0] == 235
+            s.sendmail("gina@example.org", ["x@example.net"], b"Subject: m\r\n\r\nhi\r\n")
+        with smtplib.SMTP(daemon.host, daemon.port, timeout=20) as s:
+            s.ehlo("m.test")
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                s.login("gina", "wrong")
+        time.sleep(0.3)
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+    finally:
+        daemon.stop()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+
+    def value(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+    assert value('ofmipd_auth_attempts_total{backend="authfile",verdict="accept"}') == 1
+    assert value('ofmipd_auth_attempts_total{backend="authfile",verdict="reject"}') >= 1
+    assert value("ofmipd_auth_decisions_total") >= 2
+    assert value("ofmipd_deliveries_total") >= 1
+    assert value("ofmipd_sessions_total") >= 2
+
+
+def test_many_idle_sessions_hold_bounded_memory(tmp_path, users, capture):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    daemon = start(tmp_path, users, capture, "-C", "600", "--max-per-ip", "600")
+    conns = []
+    try:
+        for _ in range(500):
+            raw = Raw(daemon)
+            raw.command(b"EHLO idle.test")
+            conns.append(raw)
+        rss_kb = int(open(f"/proc/{daemon.proc.pid}/status").read().split("VmRSS:")[1].split()[0])
+        assert conns[-1].command(b"NOOP").startswith(b"250")
+    finally:
+        for raw in conns:
+            raw.close()
+        daemon.stop()
+    assert rss_kb < 200_000  # 500 sessions must not cost hundreds of megabytes
