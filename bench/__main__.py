@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -207,6 +208,8 @@ def main() -> int:
         raise KeyboardInterrupt  # unwind through every finally, stopping what we started
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    load_start = os.getloadavg()
     temp = Path(tempfile.mkdtemp(prefix="ofmipd-bench-"))
     temp.chmod(0o755)
     procs = Processes()
@@ -227,9 +230,17 @@ def main() -> int:
         procs.stop_all()
         if not args.keep:
             shutil.rmtree(temp, ignore_errors=True)
-    data = {"quick": args.quick, "runs": bench.runs, "results": bench.results, "side": bench.side,
-            "systems": list(bench.systems), "sweep": list(bench.sweep),
-            "variant_c": bench.variant_c, "seconds": time.monotonic() - bench.started}  # fmt: skip
+    data = {
+        "quick": args.quick,
+        "runs": bench.runs,
+        "results": bench.results,
+        "side": bench.side,
+        "systems": list(bench.systems),
+        "sweep": list(bench.sweep),
+        "variant_c": bench.variant_c,
+        "loadavg": [load_start, os.getloadavg()],
+        "seconds": time.monotonic() - bench.started,
+    }
     if raw is not None:
         (raw / "results.json").write_text(json.dumps(data, indent=1))
     report.write(data, md, png)

@@ -96,6 +96,8 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         "DATA (4 KB), QUIT; any unexpected reply fails the whole benchmark.",
         "",
         *machine(),
+        "- Load average (1, 5, 15 min) at start {} and end {}; other work on the machine "
+        "skews the figures".format(*(" / ".join(f"{x:.1f}" for x in a) for a in data["loadavg"])),
         "",
         "Same user, message and delivery work for every system: a Maildir file written, "
         "fsynced and renamed (Postfix: its queue file, fsynced, then the discard transport), "
@@ -207,6 +209,19 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
                 f"| {prim[0] if prim else ''} | {'' if not prim else f'{prim[1] * 1e3:.3f}'} |"
             )
         out.append("")
+    out += [
+        "## How to reproduce",
+        "",
+        "    .venv/bin/python -m bench            # this file and bench/sessions.png, ~15 min",
+        "    .venv/bin/python -m bench --quick --out /tmp/b   # smoke run, about a minute",
+        "    .venv/bin/python -m bench.profile    # py-spy summary of ofmipd's event loop",
+        "",
+        "Every ofmipd here gets `--config` with `max_per_ip = 100000`: all load comes from "
+        "127.0.0.1, and the default per-address limit (10) refuses a client that reconnects "
+        "before its previous session's slot is released. Postfix runs unchrooted with "
+        "`smtpd_client_connection_count_limit = 0`; Dovecot's passwd-file holds a {PLAIN} "
+        "password, like ofmipd's authfile.",
+    ]
     md.write_text("\n".join(out) + "\n")
     chart(data, png)
 

@@ -198,7 +198,10 @@ class SubmissionServer(SMTP):
             await self.push(self.policy.deny_message)
             self._close()
             return
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        except ConnectionError:
+            pass  # the client went away mid-reply; connection_lost has the details
 
     async def _read_proxy_header(self) -> bool:
         from ofmipd.proxy import ProxyError, apply_proxy, read_proxy_header

@@ -156,7 +156,7 @@ def stderr_is_the_connection() -> bool:
 def serve_one_session(app: App) -> int:
     from ofmipd import logs
 
-    stderr = True
+    stderr = not app.config.syslog  # --syslog: one destination, not two
     if stderr_is_the_connection():
         # A log line (ours, or a checkpassword or sendmail program's) would reach the
         # client as a bogus SMTP reply, and bypass stunnel's TLS: send them to syslog.

@@ -7,8 +7,11 @@ report and chart exist), never speed: the machine running the tests may be busy.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,13 +30,24 @@ SYSTEMS = {
 @pytest.mark.timeout(900)
 def test_quick_bench_completes_every_session(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=850,
-    )
+    # The bench's temp dir goes under a dir of our own, so the leftover check below sees
+    # only this run; not under tmp_path, which Postfix's unprivileged daemons cannot enter.
+    scratch = Path(tempfile.mkdtemp(prefix="ofmipd-bench-test-", dir="/tmp"))
+    scratch.chmod(0o755)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+            cwd=ROOT,
+            env=dict(os.environ, TMPDIR=str(scratch)),
+            capture_output=True,
+            text=True,
+            timeout=850,
+        )
+        # nothing the benchmark started is left running
+        left = subprocess.run(["pgrep", "-af", str(scratch)], capture_output=True, text=True)
+        assert left.stdout.strip() == "", left.stdout
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     seen = set()
@@ -56,6 +70,3 @@ def test_quick_bench_completes_every_session(tmp_path):
     report = (out / "BENCHMARKS.md").read_text()
     assert "ofmipd ÷" in report and "not implemented" in report
     assert (out / "sessions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # nothing the benchmark started is left running
-    left = subprocess.run(["pgrep", "-f", "ofmipd-bench-"], capture_output=True, text=True)
-    assert left.stdout.strip() == "", left.stdout
