@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import logging.handlers
 import sys
 from dataclasses import fields
 from typing import Any
@@ -234,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-per-ip",
         type=int,
         metavar="N",
-        help="simultaneous sessions from one address (default 10)",
+        help="simultaneous sessions from one address (default 50)",
     )
     limits.add_argument(
         "--idle-timeout",
@@ -328,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     # Start-up messages wait until logging is set up; a ConfigError replaces them all.
-    early = logging.handlers.MemoryHandler(capacity=10000, flushLevel=logging.CRITICAL + 1)
+    early = logs.Buffer()
     logging.getLogger().addHandler(early)
     logging.getLogger().setLevel(logging.INFO)
     try:
@@ -340,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(error))
     finally:
         logging.getLogger().removeHandler(early)
-    logs.replay_later(early.buffer)
+    logs.replay_later(early.records)
     if args.check_config:
         print(app.describe())
         return 0

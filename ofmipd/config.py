@@ -57,7 +57,7 @@ class Config:
     data_timeout: float = 600.0
     max_errors: int = 20  # like Postfix's smtpd_hard_error_limit
     max_commands: int = 1000  # per command name and session
-    max_per_ip: int = 10  # simultaneous sessions from one client address (daemon mode)
+    max_per_ip: int = 50  # simultaneous sessions from one address (Postfix's default)
     sender_map: str | None = None
     ratelimit: str | None = None  # "memory" (default when set), "redis://...", or "off"
     ratelimit_fail_open: bool = True

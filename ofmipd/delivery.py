@@ -8,7 +8,6 @@ is a 4xx, so the client keeps responsibility for the message.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import itertools
 import logging
 import os
@@ -72,6 +71,8 @@ def received_header(
 ) -> bytes:
     address = f"[{client.ip}]" if client.ip else "[unknown]"
     peer = f"{_clean(reverse_name)} {address}" if reverse_name else address
+    import email.utils  # only a session that delivers pays for it
+
     lines = [f"Received: from {_clean(helo)} ({peer})"]
     if user:
         lines.append(f"\t(authenticated user {_clean(user)})")

@@ -28,6 +28,16 @@ GRACE_SECONDS = 30.0
 SD_LISTEN_FDS_START = 3
 
 
+def set_nodelay(sock: socket.socket) -> None:
+    """Replies go out at once: without this, multi-line replies wait on delayed ACKs
+    (asyncio sets it only for sockets created with proto=IPPROTO_TCP)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 def systemd_sockets() -> list[socket.socket]:
     """Sockets passed by systemd socket activation (the sd_listen_fds convention)."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -145,6 +155,7 @@ class Daemon:
         return True
 
     async def start_session(self, conn: socket.socket) -> None:
+        set_nodelay(conn)
         app = self.app  # a session keeps the App it started with across a reload
         loop = asyncio.get_running_loop()
         created: list[SubmissionServer] = []

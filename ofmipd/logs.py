@@ -7,7 +7,6 @@ its logger is quiet unless --debug, and then a filter blanks AUTH payloads.
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import re
 import sys
@@ -40,6 +39,18 @@ class RedactAuth(logging.Filter):
 _pending: list[logging.LogRecord] = []
 
 
+class Buffer(logging.Handler):
+    """Holds records made before logging is set up (logging.handlers costs 20 ms to import)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < 10000:
+            self.records.append(record)
+
+
 def replay_later(records: list[logging.LogRecord]) -> None:
     """Records made before set-up (e.g. while loading password files), shown by setup()."""
     _pending.extend(records)
@@ -51,9 +62,9 @@ def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
         root.removeHandler(handler)
     handlers: list[logging.Handler] = []
     if syslog and os.path.exists("/dev/log"):
-        syslog_handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
-        )
+        from logging.handlers import SysLogHandler
+
+        syslog_handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_MAIL)
         syslog_handler.setFormatter(logging.Formatter(f"ofmipd[{os.getpid()}]: %(message)s"))
         handlers.append(syslog_handler)
     if stderr or not handlers:

@@ -344,11 +344,11 @@ class SubmissionServer(SMTP):
             lines.append("STARTTLS")
         if self.auth_allowed_now():
             lines.append("AUTH " + " ".join(self.app.mechanisms))
+        # One write for the whole reply: one packet, not one per extension.
+        reply = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}"
         self._plain_replies = True
         try:
-            for line in lines[:-1]:
-                await self.push(f"250-{line}")
-            await self.push(f"250 {lines[-1]}")
+            await self.push(reply)
         finally:
             self._plain_replies = False
 

@@ -11,6 +11,7 @@ import asyncio
 import os
 import socket
 import stat
+import sys
 from typing import Any
 
 from ofmipd import identity
@@ -133,6 +134,9 @@ async def run_session(app: App) -> None:
 
     if stat.S_ISSOCK(os.fstat(0).st_mode):
         sock = socket.socket(fileno=os.dup(0))
+        from ofmipd.listeners import set_nodelay
+
+        set_nodelay(sock)
         await loop.connect_accepted_socket(factory, sock, ssl=app.implicit_tls_context)
     else:
         if app.implicit_tls_context is not None:
@@ -153,8 +157,28 @@ def stderr_is_the_connection() -> bool:
         return False
 
 
+def pollable(fd: int) -> bool:
+    """Whether the event loop can wait on fd (regular files and /dev/null cannot)."""
+    import select
+
+    poller = select.epoll()
+    try:
+        poller.register(fd, select.EPOLLIN if fd == 0 else select.EPOLLOUT)
+    except OSError:
+        return False
+    finally:
+        poller.close()
+    return True
+
+
 def serve_one_session(app: App) -> int:
     from ofmipd import logs
+
+    for fd, name in ((0, "stdin"), (1, "stdout")):
+        if not pollable(fd):
+            print(f"ofmipd: -1 needs {name} to be a socket or a pipe (launch it from inetd, "
+                  "tcpserver, stunnel or systemd, or pipe to it)", file=sys.stderr)
+            return 2
 
     stderr = not app.config.syslog  # --syslog: one destination, not two
     if stderr_is_the_connection():
