@@ -49,7 +49,7 @@ class App:
     senders: Any | None = None
     limiter: Any | None = None
     metrics: Any = field(default_factory=lambda: Metrics())
-    reverse_dns: bool = True
+    reverse_names: Any | None = None
     instance_id: str = field(default_factory=lambda: secrets.token_hex(2))
 
     @property
@@ -164,7 +164,10 @@ def build_app(config: Config, previous: App | None = None) -> App:
         else:
             app.starttls_context = context
     app.rules = build_rules(config)
-    app.reverse_dns = config.reverse_dns
+    if config.reverse_dns:
+        from ofmipd.rdns import ReverseNames
+
+        app.reverse_names = (previous and previous.reverse_names) or ReverseNames()
     if previous is not None and previous.config.ratelimit == config.ratelimit:
         app.limiter = previous.limiter
     else:

@@ -12,7 +12,6 @@ import asyncio
 import collections
 import logging
 import re
-import socket
 import time
 from base64 import b64encode
 from collections.abc import Callable
@@ -141,7 +140,6 @@ class SubmissionServer(SMTP):
         self.result: str | None = None
         self.busy = False
         self.draining = False
-        self._reverse: asyncio.Task[str | None] | None = None
         self.on_end: Callable[[], None] | None = None  # the launcher's bookkeeping
         super().__init__(
             app.handler,
@@ -245,8 +243,6 @@ class SubmissionServer(SMTP):
             self.messages,
             time.monotonic() - self.started,
         )
-        if self._reverse is not None:
-            self._reverse.cancel()
         if self.counted:
             if self.result is None:
                 authenticated = self.last_user is not None
@@ -359,6 +355,14 @@ class SubmissionServer(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._plain_replies = False
+
+    async def smtp_PROXY(self, arg: str | None) -> None:
+        # A PROXY header from a peer not in --proxy-protocol is an attempt to forge
+        # the client address: refuse it and end the session.
+        log.warning("session %s: PROXY header from untrusted peer %s; closing", self.session_id,
+                    self.client.peer_ip or "unknown")
+        await self.push("554 5.7.0 PROXY protocol not accepted from your address")
+        self._close()
 
     @syntax("STARTTLS")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -539,22 +543,9 @@ class SubmissionServer(SMTP):
         return REPLY_NEED_AUTH
 
     async def reverse_name(self) -> str | None:
-        if self.client.hostname or not self.client.ip or not self.app.reverse_dns:
+        if self.client.hostname or not self.client.ip or self.app.reverse_names is None:
             return self.client.hostname
-        if self._reverse is None:
-            self._reverse = asyncio.ensure_future(_lookup_reverse(self.client.ip))
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._reverse), 3.0)
-        except (TimeoutError, OSError):
-            return None
-
-
-async def _lookup_reverse(ip: str) -> str | None:
-    try:
-        name, _ = await asyncio.get_running_loop().getnameinfo((ip, 0), socket.NI_NAMEREQD)
-    except (OSError, UnicodeError):
-        return None
-    return name
+        return await self.app.reverse_names.name(self.client.ip)
 
 
 class SubmissionHandler:

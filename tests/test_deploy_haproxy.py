@@ -103,7 +103,7 @@ def test_trusted_peer_without_header_is_disconnected(stack: tuple[Workspace, int
         assert sock.recv(100) == b""  # closed, no banner and no reply
 
 
-def test_untrusted_peer_sending_a_header_gets_an_smtp_error(work: Workspace) -> None:
+def test_untrusted_peer_sending_a_header_is_refused_and_closed(work: Workspace) -> None:
     port = free_port()
     daemon = work.start(ofmipd_argv(work, port, trusted="127.0.0.9"), "ofmipd-untrusted")
     wait_for_banner("127.0.0.1", port, daemon)
@@ -111,4 +111,5 @@ def test_untrusted_peer_sending_a_header_gets_an_smtp_error(work: Workspace) -> 
         stream = sock.makefile("rb")
         assert stream.readline().startswith(b"220 ")  # served directly: banner first
         sock.sendall(b"PROXY TCP4 192.0.2.1 127.0.0.1 4000 25\r\n")
-        assert stream.readline()[:1] == b"5"
+        assert stream.readline().startswith(b"554 5.7.0")
+        assert stream.readline() == b""  # and the session is over
