@@ -69,7 +69,8 @@ class App:
             lines.append(
                 "listen: "
                 + ", ".join(str(x) for x in config.listeners)
-                + f" (connections {config.connections})"
+                + f" (connections {config.connections}"
+                + (f" per worker, {config.workers} workers)" if config.workers > 1 else ")")
             )
         tls = (
             "implicit (--ssl)"

@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="simultaneous sessions (default 20); more clients wait",
     )
     conn.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="N processes share the listening sockets (default 1); -C applies per worker",
+    )
+    conn.add_argument(
         "-1",
         "--one-session",
         action="store_true",

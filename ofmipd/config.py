@@ -30,6 +30,7 @@ class Config:
     listen: tuple[Listen, ...] = ()
     one_session: bool = False
     connections: int = 20
+    workers: int = 1  # processes sharing the listening sockets
     background: bool = False
     username: str | None = None
     hostname: str | None = None
@@ -143,6 +144,7 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
     simple: dict[str, type | tuple[type, ...]] = {
         "one_session": bool,
         "connections": int,
+        "workers": int,
         "background": bool,
         "user": str,
         "hostname": str,
@@ -251,6 +253,10 @@ def validate(config: Config) -> Config:
     for name in ("idle_timeout", "data_timeout", "delivery_timeout", "auth_timeout"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} {getattr(config, name)}: must be positive")
+    if not 1 <= config.workers <= 64:
+        raise ConfigError(f"--workers {config.workers}: must be 1 to 64")
+    if config.workers > 1 and config.metrics:
+        raise ConfigError("--metrics works with one worker only (each would bind the port)")
     if config.one_session and config.metrics:
         raise ConfigError("--metrics needs daemon mode: a one-session process lives too briefly")
     if config.one_session and config.ratelimit == "memory":

@@ -255,5 +255,11 @@ def serve_daemon(app: App, config_loader: Callable[[], Config]) -> int:
     logs.setup(
         debug=config.debug, syslog=config.syslog or config.background, stderr=not config.background
     )
+    if config.workers > 1:
+        from ofmipd.workers import run_workers
+
+        return run_workers(
+            config.workers, lambda: asyncio.run(Daemon(app, sockets, config_loader).run())
+        )
     asyncio.run(Daemon(app, sockets, config_loader).run())
     return 0

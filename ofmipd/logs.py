@@ -65,12 +65,12 @@ def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
         from logging.handlers import SysLogHandler
 
         syslog_handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_MAIL)
-        syslog_handler.setFormatter(logging.Formatter(f"ofmipd[{os.getpid()}]: %(message)s"))
+        syslog_handler.setFormatter(logging.Formatter("ofmipd[%(process)d]: %(message)s"))
         handlers.append(syslog_handler)
     if stderr or not handlers:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(
-            logging.Formatter(f"%(asctime)s ofmipd[{os.getpid()}]: %(levelname)s %(message)s")
+            logging.Formatter("%(asctime)s ofmipd[%(process)d]: %(levelname)s %(message)s")
         )
         handlers.append(stream)
     for each in handlers:

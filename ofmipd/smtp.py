@@ -359,8 +359,11 @@ class SubmissionServer(SMTP):
     async def smtp_PROXY(self, arg: str | None) -> None:
         # A PROXY header from a peer not in --proxy-protocol is an attempt to forge
         # the client address: refuse it and end the session.
-        log.warning("session %s: PROXY header from untrusted peer %s; closing", self.session_id,
-                    self.client.peer_ip or "unknown")
+        log.warning(
+            "session %s: PROXY header from untrusted peer %s; closing",
+            self.session_id,
+            self.client.peer_ip or "unknown",
+        )
         await self.push("554 5.7.0 PROXY protocol not accepted from your address")
         self._close()
 

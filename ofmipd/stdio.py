@@ -176,8 +176,11 @@ def serve_one_session(app: App) -> int:
 
     for fd, name in ((0, "stdin"), (1, "stdout")):
         if not pollable(fd):
-            print(f"ofmipd: -1 needs {name} to be a socket or a pipe (launch it from inetd, "
-                  "tcpserver, stunnel or systemd, or pipe to it)", file=sys.stderr)
+            print(
+                f"ofmipd: -1 needs {name} to be a socket or a pipe (launch it from inetd, "
+                "tcpserver, stunnel or systemd, or pipe to it)",
+                file=sys.stderr,
+            )
             return 2
 
     stderr = not app.config.syslog  # --syslog: one destination, not two

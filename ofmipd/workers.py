@@ -1,0 +1,70 @@
+"""--workers N: N processes serve the same listening sockets, one event loop each.
+
+The parent binds (and drops privileges) once, then forks; the kernel hands each
+new connection to whichever worker accepts it first, so a multi-core host is
+used fully. The parent only supervises: it forwards SIGTERM and SIGHUP, and
+replaces a worker that dies unexpectedly.
+
+State that must be shared between workers lives outside them: use
+`--ratelimit redis://...` so lock-outs count across workers (the memory store is
+per worker). -C and --max-per-ip apply per worker. Each worker reloads its own
+configuration on SIGHUP, so all of them switch to the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("ofmipd")
+
+
+def run_workers(count: int, serve: Callable[[], None]) -> int:
+    """Fork `count` workers that each run serve(); return when all have stopped."""
+    children: dict[int, float] = {}  # pid -> start time
+    stopping = False
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            try:
+                serve()
+            finally:
+                os._exit(0)
+        children[pid] = time.monotonic()
+
+    def forward(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, forward)
+    for _ in range(count):
+        spawn()
+    log.info("started %d workers", count)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        started = children.pop(pid, None)
+        if started is None or stopping:
+            continue
+        log.error("worker %d ended (status %d); starting another", pid, status)
+        if time.monotonic() - started < 1:
+            time.sleep(1)  # a worker that dies at once must not spin the parent
+        spawn()
+    return 0
