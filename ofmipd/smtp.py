@@ -230,9 +230,17 @@ class SubmissionServer(SMTP):
             super().connection_lost(error)
 
     def _account_for_end(self) -> None:
+        if self.result is None:
+            if not self.counted:
+                self.result = "dropped"  # gone before the banner (PROXY refused, reset)
+            elif self.last_user is not None:
+                self.result = "authenticated"
+            else:
+                self.result = "relay" if self.policy.relay else "unauthenticated"
+        # One line per session, for the admin and for log analysis.
         log.info(
             "session %s: end client=%s port=%s source=%s tls=%s user=%s backend=%s messages=%d"
-            " seconds=%.3f",
+            " result=%s seconds=%.3f",
             self.session_id,
             self.client.ip or "unknown",
             self.client.port,
@@ -241,16 +249,10 @@ class SubmissionServer(SMTP):
             self.last_user or "-",
             self.last_backend or "-",
             self.messages,
+            self.result,
             time.monotonic() - self.started,
         )
         if self.counted:
-            if self.result is None:
-                authenticated = self.last_user is not None
-                self.result = (
-                    "authenticated"
-                    if authenticated
-                    else ("relay" if self.policy.relay else "unauthenticated")
-                )
             self.app.metrics.session_ended(self.result)
 
     @property

@@ -121,6 +121,30 @@ def test_declared_and_actual_oversize_get_552_and_nothing_delivered(server, capt
     assert captured_messages(capture) == []
 
 
+def test_data_line_over_1000_octets_is_refused_and_not_delivered(server, capture):
+    raw = Raw(server)
+    raw.login()
+    raw.command(b"MAIL FROM:<gina@example.org>")
+    raw.command(b"RCPT TO:<x@example.net>")
+    assert raw.command(b"DATA").startswith(b"354")
+    raw.send(b"Subject: long\r\n\r\n" + b"z" * 2000 + b"\r\n.\r\n")
+    assert raw.reply().startswith(b"500 5.5.2")  # RFC 5321 4.5.3.1.6: 1000 octets a line
+    assert raw.command(b"NOOP").startswith(b"250")
+    raw.close()
+    assert captured_messages(capture) == []
+
+
+def test_session_end_line_says_who_what_and_how_it_ended(server):
+    with smtplib.SMTP(server.host, server.port, timeout=20) as s:
+        s.login("gina", PASSWORD)
+        s.sendmail("gina@example.org", ["x@example.net"], b"Subject: s\r\n\r\nhi\r\n")
+    time.sleep(0.3)
+    line = [x for x in server.log_text().splitlines() if ": end client=" in x][-1]
+    for part in ("client=127.0.0.1", "source=socket", "tls=no", "user=gina",
+                 "backend=authfile", "messages=1", "result=authenticated"):
+        assert part in line, line
+
+
 def test_too_many_recipients_is_452(server):
     raw = Raw(server)
     raw.login()
