@@ -17,11 +17,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import extras, load, report, systems
-from bench.systems import ROOT, Processes, Workspace
+from bench import extras, load, report, scaling, systems
+from bench.systems import ROOT, Processes, Running, Workspace
 
 
 def sessions_for(system: str, concurrency: int, quick: bool) -> int:
@@ -180,8 +181,65 @@ class Bench:
             "sessions": sessions, "rtt": rtt, "verify": verify, "primitive": primitive,
         }  # fmt: skip
 
+    def interleaved(
+        self, label: str, starters: dict[str, Callable[[], Running]], c: int, n: int, runs: int
+    ) -> dict[str, list[dict[str, float]]]:
+        """Start every set-up, warm each up, then `runs` rotating rounds of n sessions at C=c."""
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in starters}
+        running: dict[str, Running] = {}
+        try:
+            for name, start in starters.items():
+                self.say(f"starting {label}: {name}")
+                running[name] = start()
+                asyncio.run(load.run_load("127.0.0.1", running[name].port, sessions=10,
+                                          concurrency=5))  # fmt: skip
+            names = list(starters)
+            for run in range(runs):
+                for name in names[run % len(names) :] + names[: run % len(names)]:
+                    self.say(f"{label} run {run + 1}/{runs} C={c}: {name}")
+                    progress = load.Progress(f"{label} {name}", n, enabled=sys.stderr.isatty())
+                    result = asyncio.run(
+                        load.run_load("127.0.0.1", running[name].port, sessions=n,
+                                      concurrency=c, progress=progress)
+                    )  # fmt: skip
+                    results[name].append(asdict(result) | {"rate": result.rate})
+        finally:
+            for r in reversed(list(running.values())):
+                r.stop()  # type: ignore[operator]
+        return results
+
+    def scaling_params(self) -> tuple[int, int, int]:
+        """Concurrency, sessions per measurement, runs: the full run wants steady state."""
+        if self.quick:
+            return 10, 20, self.runs
+        return 50, 500, max(self.runs, 5)
+
+    def workers(self) -> None:
+        c, n, runs = self.scaling_params()
+        starters = {
+            f"--workers {k}": (lambda k=k: scaling.start_workers(self.procs, self.ws, k))
+            for k in scaling.WORKER_COUNTS
+        }
+        results = self.interleaved("workers", starters, c, n, runs)
+        self.side["workers"] = {"concurrency": c, "sessions": n, "runs": results}
+
+    def scaling(self) -> None:
+        c, n, runs = self.scaling_params()
+        redis_port, stop_redis = scaling.start_redis(self.procs, self.ws)
+        try:
+            starters = {
+                setup: (lambda s=setup: scaling.start_setup(self.procs, self.ws, s, redis_port))
+                for setup in scaling.SETUPS
+            }
+            results = self.interleaved("scaling", starters, c, n, runs)
+        finally:
+            stop_redis()
+        self.side["scaling"] = {"concurrency": c, "sessions": n, "runs": results}
+
     def run(self) -> None:
         self.throughput()
+        self.workers()
+        self.scaling()
         self.exec_to_banner()
         self.memory()
         self.slow_logins()
