@@ -198,11 +198,13 @@ class Bench:
                 for name in names[run % len(names) :] + names[: run % len(names)]:
                     self.say(f"{label} run {run + 1}/{runs} C={c}: {name}")
                     progress = load.Progress(f"{label} {name}", n, enabled=sys.stderr.isatty())
+                    cpu = time.process_time()  # the load generator's own share of the cores
                     result = asyncio.run(
                         load.run_load("127.0.0.1", running[name].port, sessions=n,
                                       concurrency=c, progress=progress)
                     )  # fmt: skip
-                    results[name].append(asdict(result) | {"rate": result.rate})
+                    cpu = (time.process_time() - cpu) / result.seconds
+                    results[name].append(asdict(result) | {"rate": result.rate, "client_cpu": cpu})
         finally:
             for r in reversed(list(running.values())):
                 r.stop()  # type: ignore[operator]

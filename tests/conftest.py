@@ -32,3 +32,11 @@ def client() -> ClientIdentity:
         source="socket",
         peer_ip="127.0.0.1",
     )
+
+
+@pytest.fixture
+def capture(tmp_path: Path) -> Path:
+    """The directory tests/progs/capture-sendmail stores accepted messages in."""
+    directory = tmp_path / "capture"
+    directory.mkdir()
+    return directory

@@ -27,13 +27,6 @@ def users(tmp_path):
     return path
 
 
-@pytest.fixture
-def capture(tmp_path):
-    d = tmp_path / "capture"
-    d.mkdir()
-    return d
-
-
 def start(tmp_path, users, capture, *args):
     port = free_port()
     return Daemon(

@@ -28,13 +28,6 @@ def authfile(tmp_path):
     return path
 
 
-@pytest.fixture
-def capture(tmp_path):
-    d = tmp_path / "capture"
-    d.mkdir()
-    return d
-
-
 def start(tmp_path, *args, env=None):
     port = free_port()
     daemon = Daemon(

@@ -52,13 +52,6 @@ def daemon(tmp_path, users, capture, *args):
     )
 
 
-@pytest.fixture
-def capture(tmp_path):
-    d = tmp_path / "capture"
-    d.mkdir()
-    return d
-
-
 def test_tls_on_hides_auth_and_refuses_mail_until_starttls(tmp_path, users, cert, capture):
     server = daemon(
         tmp_path,
