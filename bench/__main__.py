@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -182,7 +183,7 @@ class Bench:
         }  # fmt: skip
 
     def interleaved(
-        self, label: str, starters: dict[str, Callable[[], Running]], c: int, n: int, runs: int
+        self, label: str, starters: Mapping[str, Callable[[], Running]], c: int, n: int, runs: int
     ) -> dict[str, list[dict[str, float]]]:
         """Start every set-up, warm each up, then `runs` rotating rounds of n sessions at C=c."""
         results: dict[str, list[dict[str, float]]] = {name: [] for name in starters}
@@ -219,7 +220,7 @@ class Bench:
     def workers(self) -> None:
         c, n, runs = self.scaling_params()
         starters = {
-            f"--workers {k}": (lambda k=k: scaling.start_workers(self.procs, self.ws, k))
+            f"--workers {k}": functools.partial(scaling.start_workers, self.procs, self.ws, k)
             for k in scaling.WORKER_COUNTS
         }
         results = self.interleaved("workers", starters, c, n, runs)
@@ -230,7 +231,9 @@ class Bench:
         redis_port, stop_redis = scaling.start_redis(self.procs, self.ws)
         try:
             starters = {
-                setup: (lambda s=setup: scaling.start_setup(self.procs, self.ws, s, redis_port))
+                setup: functools.partial(
+                    scaling.start_setup, self.procs, self.ws, setup, redis_port
+                )
                 for setup in scaling.SETUPS
             }
             results = self.interleaved("scaling", starters, c, n, runs)

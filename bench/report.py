@@ -120,6 +120,7 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
             f"| {ratio(r.get('ofmipd-1-tcpserver', []), r.get('bare-1-tcpserver', []))} "
             f"| {ratio(r.get('ofmipd-htpasswd', []), r.get('ofmipd', []))} |"
         )
+    out += headline_scaling(data["side"])
     out += ["", f"![sessions/s vs concurrency]({os.path.relpath(png, md.parent)})", ""]
     # ---- sweep ----
     out += ["## Sessions/s and latency by concurrency (Maildir, no TLS)", ""]
@@ -137,8 +138,9 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
                 f"| {stats(field(rs, 'banner_p99'), 1e3)} "
                 f"| {stats(field(rs, 'auth_p50'), 1e3, '{:.2f}')} |"
             )
-    out.append("| ofmipd `--workers N` | – | not implemented | | | | |")
     out.append("")
+    side = data["side"]
+    out += scaling_sections(side)
     # ---- variants ----
     out += [f"## Delivery and TLS variants (concurrency {vc})", ""]
     variants = [("maildir", "plain"), ("maildir", "starttls"), ("sendmail", "plain"),
@@ -155,7 +157,6 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         out.append(f"| {LABELS[system]} | " + " | ".join(cells) + f" | {rel} |")
     out += ["", "Postfix does the same work in both delivery columns (queue, then discard). "
             "For the tcpserver rows the ratio column compares with ofmipd -1.", ""]  # fmt: skip
-    side = data["side"]
     # ---- exec to banner ----
     if "exec" in side:
         e = side["exec"]
@@ -224,6 +225,75 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
     ]
     md.write_text("\n".join(out) + "\n")
     chart(data, png)
+
+
+def _rates(part: dict[str, Any], name: str) -> list[float]:
+    return field(part["runs"].get(name, []), "rate")
+
+
+def headline_scaling(side: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    if "workers" in side:
+        w = side["workers"]
+        out += ["", f"- ofmipd `--workers 2` ÷ `--workers 1` (Maildir, C={w['concurrency']}): "
+                f"**{ratio(_rates(w, '--workers 2'), _rates(w, '--workers 1'))}**"]  # fmt: skip
+    if "scaling" in side:
+        g = side["scaling"]
+        two = _rates(g, "two nodes behind haproxy")
+        out += [
+            f"- two ofmipd nodes behind haproxy ÷ one node alone (shared Redis, C="
+            f"{g['concurrency']}): **{ratio(two, _rates(g, 'one node direct'))}**; "
+            f"÷ one node behind the same haproxy: "
+            f"{ratio(two, _rates(g, 'one node behind haproxy'))}"
+        ]
+    return out
+
+
+def _table(part: dict[str, Any], base: str) -> list[str]:
+    out = ["| set-up | sessions/s | session p50 ms | session p99 ms | banner p99 ms "
+           "| AUTH p50 ms | load generator CPU (cores) | ÷ " + base + " |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, rs in part["runs"].items():
+        out.append(
+            f"| {name} | {stats(field(rs, 'rate'))} | {stats(field(rs, 'session_p50'), 1e3)} "
+            f"| {stats(field(rs, 'session_p99'), 1e3)} | {stats(field(rs, 'banner_p99'), 1e3)} "
+            f"| {stats(field(rs, 'auth_p50'), 1e3, '{:.2f}')} "
+            f"| {stats(field(rs, 'client_cpu'), 1.0, '{:.2f}')} "
+            f"| {ratio(field(rs, 'rate'), _rates(part, base))} |"
+        )
+    return out
+
+
+def scaling_sections(side: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    cpus = os.cpu_count()
+    if "workers" in side:
+        w = side["workers"]
+        out += [f"## `--workers N` on one host (Maildir, no TLS, C={w['concurrency']})", ""]
+        out += [
+            f"One ofmipd daemon (authfile, `-C 200`, memory rate limiter per worker) with 1 or "
+            f"2 pre-forked workers sharing the listening socket; {w['sessions']} sessions per "
+            f"run, the two interleaved. The load generator is one Python process on the same "
+            f"{cpus}-CPU machine: the CPU column is its own share (1.00 = a whole core), which "
+            "the workers cannot have.",
+            "",
+        ]
+        out += [*_table(w, "--workers 1"), ""]
+    if "scaling" in side:
+        g = side["scaling"]
+        out += [f"## Several nodes behind haproxy (Maildir, no TLS, C={g['concurrency']})", ""]
+        out += [
+            "Each node is an ofmipd daemon (authfile, `-C 200`, one worker) with "
+            "`--ratelimit redis://127.0.0.1:PORT/0` on one shared redis-server (no "
+            "persistence). Behind haproxy (TCP mode, `balance leastconn`, `send-proxy-v2`, "
+            "no health checks) the nodes run with `--proxy-protocol 127.0.0.1`. Nodes, "
+            f"haproxy, redis and the load generator all share the {cpus} CPUs, so this shows "
+            "the cost of the arrangement, not the capacity of separate hosts. "
+            f"{g['sessions']} sessions per run, set-ups interleaved.",
+            "",
+        ]
+        out += [*_table(g, "one node direct"), ""]
+    return out
 
 
 def chart(data: dict[str, Any], png: Path) -> None:

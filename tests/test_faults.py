@@ -26,6 +26,16 @@ def users(tmp_path):
     return path
 
 
+def start(tmp_path: Path, users: Path, capture: Path, *extra: str) -> Daemon:
+    port = free_port()
+    return Daemon(
+        ["-p", f"127.0.0.1:{port}", "-a", str(users), *extra],
+        port,
+        tmp_path,
+        env=server_env(CAPTURE_DIR=str(capture)),
+    )
+
+
 def delivered_ids(capture: Path) -> list[str]:
     ids = []
     for path in capture.glob("*.msg"):
@@ -59,28 +69,19 @@ def submit_many(
         errors.append(repr(error))
 
 
-def test_flaky_injector_loses_and_doubles_nothing(tmp_path, users):
-    capture = tmp_path / "capture"
-    capture.mkdir()
-    port = free_port()
-    daemon = Daemon(
-        [
-            "-p",
-            f"127.0.0.1:{port}",
-            "-a",
-            str(users),
-            "--sendmail",
-            str(PROGS / "flaky-sendmail"),
-            "--delivery-timeout",
-            "1",
-            "-C",
-            "25",
-            "--max-per-ip",
-            "25",
-        ],
-        port,
+def test_flaky_injector_loses_and_doubles_nothing(tmp_path, users, capture):
+    daemon = start(
         tmp_path,
-        env=server_env(CAPTURE_DIR=str(capture)),
+        users,
+        capture,
+        "--sendmail",
+        str(PROGS / "flaky-sendmail"),
+        "--delivery-timeout",
+        "1",
+        "-C",
+        "25",
+        "--max-per-ip",
+        "25",
     )
     accepted: list[str] = []
     refused: list[str] = []
@@ -112,16 +113,8 @@ def test_flaky_injector_loses_and_doubles_nothing(tmp_path, users):
     )
 
 
-def test_sigterm_during_data_completes_the_message_then_closes(tmp_path, users):
-    capture = tmp_path / "capture"
-    capture.mkdir()
-    port = free_port()
-    daemon = Daemon(
-        ["-p", f"127.0.0.1:{port}", "-a", str(users), "--sendmail", CAPTURE],
-        port,
-        tmp_path,
-        env=server_env(CAPTURE_DIR=str(capture)),
-    )
+def test_sigterm_during_data_completes_the_message_then_closes(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--sendmail", CAPTURE)
     try:
         idle = smtplib.SMTP(daemon.host, daemon.port, timeout=20)
         idle.ehlo("idle.test")
@@ -147,16 +140,8 @@ def test_sigterm_during_data_completes_the_message_then_closes(tmp_path, users):
     assert delivered_ids(capture) == ["term@fault.test"]
 
 
-def test_sighup_under_load_drops_no_session(tmp_path, users):
-    capture = tmp_path / "capture"
-    capture.mkdir()
-    port = free_port()
-    daemon = Daemon(
-        ["-p", f"127.0.0.1:{port}", "-a", str(users), "--sendmail", CAPTURE],
-        port,
-        tmp_path,
-        env=server_env(CAPTURE_DIR=str(capture)),
-    )
+def test_sighup_under_load_drops_no_session(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--sendmail", CAPTURE)
     accepted: list[str] = []
     refused: list[str] = []
     errors: list[str] = []
@@ -182,16 +167,8 @@ def test_sighup_under_load_drops_no_session(tmp_path, users):
     assert daemon.log_text().count("configuration reloaded") >= 5
 
 
-def test_client_disconnect_mid_data_delivers_nothing(tmp_path, users):
-    capture = tmp_path / "capture"
-    capture.mkdir()
-    port = free_port()
-    daemon = Daemon(
-        ["-p", f"127.0.0.1:{port}", "-a", str(users), "--sendmail", CAPTURE],
-        port,
-        tmp_path,
-        env=server_env(CAPTURE_DIR=str(capture)),
-    )
+def test_client_disconnect_mid_data_delivers_nothing(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--sendmail", CAPTURE)
     try:
         s = smtplib.SMTP(daemon.host, daemon.port, timeout=20)
         s.login("ivy", PASSWORD)

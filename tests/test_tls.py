@@ -32,6 +32,10 @@ def cert(tmp_path):
     return make_certificate(tmp_path)
 
 
+def cert_args(cert) -> list[str]:
+    return ["--ssl-cert", str(cert[0]), "--ssl-key", str(cert[1])]
+
+
 def daemon(tmp_path, users, capture, *args):
     port = free_port()
     return Daemon(
@@ -59,10 +63,7 @@ def test_tls_on_hides_auth_and_refuses_mail_until_starttls(tmp_path, users, cert
         capture,
         "--tls",
         "on",
-        "--ssl-cert",
-        str(cert[0]),
-        "--ssl-key",
-        str(cert[1]),
+        *cert_args(cert),
     )
     try:
         with smtplib.SMTP(server.host, server.port, timeout=20) as s:
@@ -93,10 +94,7 @@ def test_localoptional_allows_auth_in_clear_from_loopback_only(tmp_path, users, 
         capture,
         "--tls",
         "localoptional",
-        "--ssl-cert",
-        str(cert[0]),
-        "--ssl-key",
-        str(cert[1]),
+        *cert_args(cert),
     )
     try:
         with smtplib.SMTP(server.host, server.port, timeout=20) as s:
@@ -109,7 +107,11 @@ def test_localoptional_allows_auth_in_clear_from_loopback_only(tmp_path, users, 
 
 def test_implicit_tls_offers_auth_and_no_starttls(tmp_path, users, cert, capture):
     server = daemon(
-        tmp_path, users, capture, "--ssl", "--ssl-cert", str(cert[0]), "--ssl-key", str(cert[1])
+        tmp_path,
+        users,
+        capture,
+        "--ssl",
+        *cert_args(cert),
     )
     try:
         with smtplib.SMTP_SSL(
@@ -154,10 +156,7 @@ def test_commands_pipelined_after_starttls_are_discarded(tmp_path, users, cert, 
         capture,
         "--tls",
         "optional",
-        "--ssl-cert",
-        str(cert[0]),
-        "--ssl-key",
-        str(cert[1]),
+        *cert_args(cert),
     )
     try:
         raw = socket.create_connection((server.host, server.port), timeout=20)
@@ -194,10 +193,7 @@ def test_auth_before_starttls_is_forgotten_after_it(tmp_path, users, cert, captu
         capture,
         "--tls",
         "optional",
-        "--ssl-cert",
-        str(cert[0]),
-        "--ssl-key",
-        str(cert[1]),
+        *cert_args(cert),
     )
     try:
         with smtplib.SMTP(server.host, server.port, timeout=20) as s:
