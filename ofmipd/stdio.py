@@ -139,8 +139,6 @@ async def run_session(app: App) -> None:
         set_nodelay(sock)
         await loop.connect_accepted_socket(factory, sock, ssl=app.implicit_tls_context)
     else:
-        if app.implicit_tls_context is not None:
-            raise SystemExit("ofmipd: --ssl in one-session mode needs fd 0 to be a socket")
         await PipePair().connect(factory())
     await finished
 
@@ -174,6 +172,10 @@ def pollable(fd: int) -> bool:
 def serve_one_session(app: App) -> int:
     from ofmipd import logs
 
+    if app.implicit_tls_context is not None and not stat.S_ISSOCK(os.fstat(0).st_mode):
+        print("ofmipd: --ssl with -1 needs stdin to be a socket (use stunnel for pipes)",
+              file=sys.stderr)
+        return 2
     for fd, name in ((0, "stdin"), (1, "stdout")):
         if not pollable(fd):
             print(
