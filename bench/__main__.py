@@ -199,13 +199,16 @@ class Bench:
                 for name in names[run % len(names) :] + names[: run % len(names)]:
                     self.say(f"{label} run {run + 1}/{runs} C={c}: {name}")
                     progress = load.Progress(f"{label} {name}", n, enabled=sys.stderr.isatty())
-                    cpu = time.process_time()  # the load generator's own share of the cores
+                    groups = running[name].groups
+                    cpu, server = time.process_time(), scaling.group_cpu(groups)
                     result = asyncio.run(
                         load.run_load("127.0.0.1", running[name].port, sessions=n,
                                       concurrency=c, progress=progress)
                     )  # fmt: skip
-                    cpu = (time.process_time() - cpu) / result.seconds
-                    results[name].append(asdict(result) | {"rate": result.rate, "client_cpu": cpu})
+                    cpu = (time.process_time() - cpu) / result.seconds  # the load generator
+                    server = (scaling.group_cpu(groups) - server) / result.seconds
+                    row = asdict(result) | {"rate": result.rate, "client_cpu": cpu}
+                    results[name].append(row | {"server_cpu": server})
         finally:
             for r in reversed(list(running.values())):
                 r.stop()  # type: ignore[operator]
@@ -228,11 +231,11 @@ class Bench:
 
     def scaling(self) -> None:
         c, n, runs = self.scaling_params()
-        redis_port, stop_redis = scaling.start_redis(self.procs, self.ws)
+        redis_port, redis_group, stop_redis = scaling.start_redis(self.procs, self.ws)
         try:
             starters = {
                 setup: functools.partial(
-                    scaling.start_setup, self.procs, self.ws, setup, redis_port
+                    scaling.start_setup, self.procs, self.ws, setup, redis_port, redis_group
                 )
                 for setup in scaling.SETUPS
             }

@@ -251,13 +251,14 @@ def headline_scaling(side: dict[str, Any]) -> list[str]:
 
 def _table(part: dict[str, Any], base: str) -> list[str]:
     out = ["| set-up | sessions/s | session p50 ms | session p99 ms | banner p99 ms "
-           "| AUTH p50 ms | load generator CPU (cores) | ÷ " + base + " |",
-           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| AUTH p50 ms | servers' CPU (cores) | load generator CPU (cores) | ÷ " + base + " |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, rs in part["runs"].items():
         out.append(
             f"| {name} | {stats(field(rs, 'rate'))} | {stats(field(rs, 'session_p50'), 1e3)} "
             f"| {stats(field(rs, 'session_p99'), 1e3)} | {stats(field(rs, 'banner_p99'), 1e3)} "
             f"| {stats(field(rs, 'auth_p50'), 1e3, '{:.2f}')} "
+            f"| {stats(field(rs, 'server_cpu'), 1.0, '{:.2f}')} "
             f"| {stats(field(rs, 'client_cpu'), 1.0, '{:.2f}')} "
             f"| {ratio(field(rs, 'rate'), _rates(part, base))} |"
         )
@@ -274,8 +275,9 @@ def scaling_sections(side: dict[str, Any]) -> list[str]:
             f"One ofmipd daemon (authfile, `-C 200`, memory rate limiter per worker) with 1 or "
             f"2 pre-forked workers sharing the listening socket; {w['sessions']} sessions per "
             f"run, the two interleaved. The load generator is one Python process on the same "
-            f"{cpus}-CPU machine: the CPU column is its own share (1.00 = a whole core), which "
-            "the workers cannot have.",
+            f"{cpus}-CPU machine; the CPU columns say how the cores were shared (1.00 = a "
+            "whole core; servers' CPU counts the supervisor and every worker), and what the "
+            "load generator and the kernel's own work take, the workers cannot have.",
             "",
         ]
         out += [*_table(w, "--workers 1"), ""]
@@ -288,7 +290,8 @@ def scaling_sections(side: dict[str, Any]) -> list[str]:
             "persistence). Behind haproxy (TCP mode, `balance leastconn`, `send-proxy-v2`, "
             "no health checks) the nodes run with `--proxy-protocol 127.0.0.1`. Nodes, "
             f"haproxy, redis and the load generator all share the {cpus} CPUs, so this shows "
-            "the cost of the arrangement, not the capacity of separate hosts. "
+            "the cost of the arrangement, not the capacity of separate hosts; servers' CPU "
+            "counts the nodes, haproxy and redis. "
             f"{g['sessions']} sessions per run, set-ups interleaved.",
             "",
         ]

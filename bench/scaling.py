@@ -8,6 +8,7 @@ Everything is started here on free loopback ports and stopped by the caller (`st
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -27,6 +28,21 @@ SETUPS: dict[str, tuple[int, bool]] = {
     "two nodes behind haproxy": (2, True),
 }
 WORKER_COUNTS = (1, 2)
+
+
+def group_cpu(groups: tuple[int, ...]) -> float:
+    """CPU seconds (user + system) used so far by every live process in these groups."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[2]) in groups:  # pgrp; then utime and stime in clock ticks
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_proxied_banner(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -65,7 +81,8 @@ def wait_for_redis(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     raise TimeoutError(f"redis not answering on 127.0.0.1:{port}")
 
 
-def start_redis(procs: Processes, ws: Workspace) -> tuple[int, Callable[[], None]]:
+def start_redis(procs: Processes, ws: Workspace) -> tuple[int, int, Callable[[], None]]:
+    """redis-server on a free port: (port, its process group, stop)."""
     port = systems.free_port()
     home = ws.root / f"redis-{port}"
     home.mkdir()
@@ -79,7 +96,7 @@ def start_redis(procs: Processes, ws: Workspace) -> tuple[int, Callable[[], None
     except Exception:
         procs.stop(proc)
         raise
-    return port, lambda: procs.stop(proc)
+    return port, proc.pid, lambda: procs.stop(proc)
 
 
 def start_ofmipd(
@@ -97,7 +114,7 @@ def start_ofmipd(
     except Exception:
         procs.stop(proc)
         raise
-    return Running(name, port, proc.pid, lambda: procs.stop(proc))
+    return Running(name, port, proc.pid, lambda: procs.stop(proc), (proc.pid,))
 
 
 def haproxy_config(front: int, backends: list[int], balance: str = "leastconn") -> str:
@@ -139,15 +156,18 @@ def start_haproxy(procs: Processes, ws: Workspace, name: str, backends: list[int
     except Exception:
         procs.stop(proc)
         raise
-    return Running(name, front, proc.pid, lambda: procs.stop(proc))
+    return Running(name, front, proc.pid, lambda: procs.stop(proc), (proc.pid,))
 
 
 def start_workers(procs: Processes, ws: Workspace, count: int) -> Running:
     return start_ofmipd(procs, ws, f"workers-{count}", ["--workers", str(count)], proxied=False)
 
 
-def start_setup(procs: Processes, ws: Workspace, setup: str, redis_port: int) -> Running:
-    """One of SETUPS; the Running's port is where clients connect, its stop stops it all."""
+def start_setup(
+    procs: Processes, ws: Workspace, setup: str, redis_port: int, redis_group: int
+) -> Running:
+    """One of SETUPS; the Running's port is where clients connect, its stop stops it all.
+    Its CPU includes the shared redis-server's: only one set-up is measured at a time."""
     nodes, proxied = SETUPS[setup]
     shared = ["--ratelimit", f"redis://127.0.0.1:{redis_port}/0"]
     if proxied:
@@ -168,4 +188,5 @@ def start_setup(procs: Processes, ws: Workspace, setup: str, redis_port: int) ->
         for r in reversed(started):
             r.stop()  # type: ignore[operator]
 
-    return Running(setup, started[-1].port, started[0].pid, stop)
+    groups = (*(r.pid for r in started), redis_group)
+    return Running(setup, started[-1].port, started[0].pid, stop, groups)

@@ -101,6 +101,7 @@ class Running:
     port: int
     pid: int  # the process whose RSS is the server's (daemon modes)
     stop: object  # () -> None
+    groups: tuple[int, ...] = ()  # process groups whose CPU time is the system's (scaling)
 
 
 class Processes:

@@ -6,6 +6,7 @@ build_app(), so what the admin tests is what the server runs.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import socket
@@ -51,6 +52,11 @@ class App:
     metrics: Any = field(default_factory=lambda: Metrics())
     reverse_names: Any | None = None
     instance_id: str = field(default_factory=lambda: secrets.token_hex(2))
+    sessions_started: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def new_session_id(self) -> str:
+        # Unique in the logs: a random prefix per App (process or reload), then a counter.
+        return f"{self.instance_id}{next(self.sessions_started):x}"
 
     @property
     def handler(self) -> Any:

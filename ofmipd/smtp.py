@@ -69,7 +69,6 @@ _DEFAULT_ENHANCED = {
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _AUTH_LINE = re.compile(rb"^\s*AUTH\s+\S+\s+\S", re.IGNORECASE)
 
-_sequence = iter(range(1, 1 << 62))
 
 
 # aiosmtpd's wording, replaced where RFC or habit has a clearer one.
@@ -135,7 +134,7 @@ class SubmissionServer(SMTP):
         self.implicit_tls = implicit_tls
         self.client = ClientIdentity(ip="")
         self.policy = ClientPolicy()
-        self.session_id = f"{app.instance_id}{next(_sequence):x}"
+        self.session_id = app.new_session_id()
         self.started = time.monotonic()
         self.messages = 0
         self.last_user: str | None = None

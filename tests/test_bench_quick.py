@@ -67,6 +67,22 @@ def test_quick_bench_completes_every_session(tmp_path):
     assert set(side["memory"]["runs"]) == {"ofmipd", "bare-aiosmtpd"}
     assert set(side["slow"]["runs"]) == {"none", "5 slow"}
     assert len(side["auth"]["rtt"]) == 4
+    # --workers 1 and 2; one node, one behind haproxy, two behind haproxy with shared Redis
+    assert set(side["workers"]["runs"]) == {"--workers 1", "--workers 2"}
+    assert set(side["scaling"]["runs"]) == {
+        "one node direct",
+        "one node behind haproxy",
+        "two nodes behind haproxy",
+    }
+    for part in ("workers", "scaling"):
+        for name, runs in side[part]["runs"].items():
+            assert len(runs) == data["runs"], name
+            for run in runs:
+                # run_load raises on any failed session, so a row means all completed
+                assert run["sessions"] == side[part]["sessions"] >= 6, name
+                assert run["concurrency"] == side[part]["concurrency"], name
+                assert run["rate"] > 0, name
     report = (out / "BENCHMARKS.md").read_text()
-    assert "ofmipd ÷" in report and "not implemented" in report
+    assert "ofmipd ÷" in report and "not implemented" not in report
+    assert "`--workers 2` ÷ `--workers 1`" in report and "two ofmipd nodes behind haproxy" in report
     assert (out / "sessions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
