@@ -97,7 +97,10 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         "",
         *machine(),
         "- Load average (1, 5, 15 min) at start {} and end {}; other work on the machine "
-        "skews the figures".format(*(" / ".join(f"{x:.1f}" for x in a) for a in data["loadavg"])),
+        "skews the figures (the tcpserver rows themselves keep up to 50 Python start-ups "
+        "runnable, which raises the later averages)".format(
+            *(" / ".join(f"{x:.1f}" for x in a) for a in data["loadavg"])
+        ),
         "",
         "Same user, message and delivery work for every system: a Maildir file written, "
         "fsynced and renamed (Postfix: its queue file, fsynced, then the discard transport), "
@@ -213,7 +216,7 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
     out += [
         "## How to reproduce",
         "",
-        "    .venv/bin/python -m bench            # this file and bench/sessions.png, ~15 min",
+        "    .venv/bin/python -m bench            # this file and bench/sessions.png, ~10 min",
         "    .venv/bin/python -m bench --quick --out /tmp/b   # smoke run, about a minute",
         "    .venv/bin/python -m bench.profile    # py-spy summary of ofmipd's event loop",
         "",
@@ -221,7 +224,8 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         "127.0.0.1, and the default per-address limit (10) refuses a client that reconnects "
         "before its previous session's slot is released. Postfix runs unchrooted with "
         "`smtpd_client_connection_count_limit = 0`; Dovecot's passwd-file holds a {PLAIN} "
-        "password, like ofmipd's authfile.",
+        "password, like ofmipd's authfile. The scaling set-ups use Debian's haproxy and "
+        "redis-server; docs/scaling.md explains the arrangement.",
     ]
     md.write_text("\n".join(out) + "\n")
     chart(data, png)
@@ -272,7 +276,7 @@ def scaling_sections(side: dict[str, Any]) -> list[str]:
         w = side["workers"]
         out += [f"## `--workers N` on one host (Maildir, no TLS, C={w['concurrency']})", ""]
         out += [
-            f"One ofmipd daemon (authfile, `-C 200`, memory rate limiter per worker) with 1 or "
+            f"One ofmipd daemon (authfile, `-C 200`, no rate limiter, the default) with 1 or "
             f"2 pre-forked workers sharing the listening socket; {w['sessions']} sessions per "
             f"run, the two interleaved. The load generator is one Python process on the same "
             f"{cpus}-CPU machine; the CPU columns say how the cores were shared (1.00 = a "
@@ -287,7 +291,8 @@ def scaling_sections(side: dict[str, Any]) -> list[str]:
         out += [
             "Each node is an ofmipd daemon (authfile, `-C 200`, one worker) with "
             "`--ratelimit redis://127.0.0.1:PORT/0` on one shared redis-server (no "
-            "persistence). Behind haproxy (TCP mode, `balance leastconn`, `send-proxy-v2`, "
+            "persistence; the last row has no rate limiter at all, to show what Redis costs). "
+            "Behind haproxy (TCP mode, `balance leastconn`, `send-proxy-v2`, "
             "no health checks) the nodes run with `--proxy-protocol 127.0.0.1`. Nodes, "
             f"haproxy, redis and the load generator all share the {cpus} CPUs, so this shows "
             "the cost of the arrangement, not the capacity of separate hosts; servers' CPU "

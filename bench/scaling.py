@@ -21,11 +21,12 @@ from bench.systems import Processes, Running, Workspace
 HAPROXY = "/usr/sbin/haproxy"
 REDIS = "redis-server"
 
-# What each scaling variant is made of: (ofmipd nodes, haproxy in front)
-SETUPS: dict[str, tuple[int, bool]] = {
-    "one node direct": (1, False),
-    "one node behind haproxy": (1, True),
-    "two nodes behind haproxy": (2, True),
+# What each scaling variant is made of: (ofmipd nodes, haproxy in front, Redis rate limiter)
+SETUPS: dict[str, tuple[int, bool, bool]] = {
+    "one node direct": (1, False, True),
+    "one node behind haproxy": (1, True, True),
+    "two nodes behind haproxy": (2, True, True),
+    "one node direct, no rate limiter": (1, False, False),  # what Redis costs
 }
 WORKER_COUNTS = (1, 2)
 
@@ -168,11 +169,11 @@ def start_setup(
 ) -> Running:
     """One of SETUPS; the Running's port is where clients connect, its stop stops it all.
     Its CPU includes the shared redis-server's: only one set-up is measured at a time."""
-    nodes, proxied = SETUPS[setup]
-    shared = ["--ratelimit", f"redis://127.0.0.1:{redis_port}/0"]
+    nodes, proxied, redis = SETUPS[setup]
+    shared = ["--ratelimit", f"redis://127.0.0.1:{redis_port}/0"] if redis else []
     if proxied:
         shared += ["--proxy-protocol", "127.0.0.1"]
-    slug = setup.replace(" ", "-")
+    slug = setup.replace(",", "").replace(" ", "-")
     started: list[Running] = []
     try:
         for i in range(nodes):

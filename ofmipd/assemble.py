@@ -97,6 +97,8 @@ class App:
         lines.append(
             f"delivery: {self.delivery.target.name} {describe_target(self.delivery.target)}"
         )
+        if self.limiter is not None:
+            lines.append(f"login rate limit: {self.limiter.describe()}")
         if config.throttle_script:
             lines.append(f"throttle script: {config.throttle_script}")
         return "\n".join(lines)
@@ -147,7 +149,8 @@ def build_limiter(config: Config) -> Any | None:
         return None
     from ofmipd.ratelimit import parse_ratelimit
 
-    return parse_ratelimit(config.ratelimit, {"fail_open": config.ratelimit_fail_open})
+    options = {"fail_open": config.ratelimit_fail_open, **dict(config.ratelimit_options)}
+    return parse_ratelimit(config.ratelimit, options)
 
 
 def build_app(config: Config, previous: App | None = None) -> App:
@@ -175,7 +178,11 @@ def build_app(config: Config, previous: App | None = None) -> App:
         from ofmipd.rdns import ReverseNames
 
         app.reverse_names = (previous and previous.reverse_names) or ReverseNames()
-    if previous is not None and previous.config.ratelimit == config.ratelimit:
+    same_limits = previous is not None and (
+        previous.config.ratelimit,
+        previous.config.ratelimit_options,
+    ) == (config.ratelimit, config.ratelimit_options)
+    if previous is not None and same_limits:
         app.limiter = previous.limiter
     else:
         app.limiter = build_limiter(config)

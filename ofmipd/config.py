@@ -62,6 +62,7 @@ class Config:
     sender_map: str | None = None
     ratelimit: str | None = None  # "memory" (default when set), "redis://...", or "off"
     ratelimit_fail_open: bool = True
+    ratelimit_options: tuple[tuple[str, Any], ...] = ()  # TOML [ratelimit] settings
     metrics: str | None = None  # HOST:PORT of a Prometheus endpoint
     reverse_dns: bool = True
     source: str = "command line"
@@ -158,7 +159,6 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         "max_commands": int,
         "max_per_ip": int,
         "sender_map": str,
-        "ratelimit": str,
         "ratelimit_fail_open": bool,
         "metrics": str,
         "reverse_dns": bool,
@@ -168,6 +168,13 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         value = _take(data, key, expected, source)
         if value is not None:
             values["username" if key == "user" else key] = value
+    ratelimit = _take(data, "ratelimit", (str, dict), source)
+    if isinstance(ratelimit, str):
+        values["ratelimit"] = ratelimit
+    elif isinstance(ratelimit, dict):  # [ratelimit] store = "redis://..." max_failures = 5 ...
+        options = dict(ratelimit)
+        values["ratelimit"] = str(options.pop("store", "memory"))
+        values["ratelimit_options"] = tuple(sorted(options.items()))
     rule_tables = _take(data, "rule", list, source)
     if rule_tables:
         values["rule_tables"] = tuple(rule_tables)

@@ -137,13 +137,14 @@ class Daemon:
             task.add_done_callback(self.handshakes.discard)
 
     def admit(self, conn: socket.socket) -> bool:
-        """Simultaneous sessions per client address (the transport peer: behind a PROXY
-        sender every client shares its address, so the limit then applies to the proxy)."""
+        """Simultaneous sessions per transport peer. A trusted PROXY sender carries many
+        clients, so it is exempt; limit clients per address in the proxy itself."""
         try:
             ip = identity.normalise_ip(conn.getpeername()[0])
         except (OSError, IndexError):
             ip = ""
-        if ip and self.per_ip[ip] >= self.app.config.max_per_ip and not self.app.proxy_trust:
+        trusted_proxy = self.app.proxy_trust is not None and self.app.proxy_trust.contains(ip)
+        if ip and not trusted_proxy and self.per_ip[ip] >= self.app.config.max_per_ip:
             log.warning("refused %s: %d sessions already", ip, self.per_ip[ip])
             try:
                 conn.send(b"421 4.7.0 Too many connections from your address\r\n")

@@ -448,9 +448,7 @@ class SubmissionServer(SMTP):
             await self.push("504 5.5.4 Unrecognized authentication mechanism")
             return
         initial = words[1].encode("ascii", "replace") if len(words) == 2 else None
-        limiter = self.app.limiter
-        if limiter is not None and await self._refused(limiter, None):
-            return
+        limiter = self.app.limiter  # asked once the user name is known: one round trip
         try:
             credentials = await self._read_credentials(mechanism, initial)
         except mechanisms.MalformedResponse as error:

@@ -73,6 +73,7 @@ def test_quick_bench_completes_every_session(tmp_path):
         "one node direct",
         "one node behind haproxy",
         "two nodes behind haproxy",
+        "one node direct, no rate limiter",
     }
     for part in ("workers", "scaling"):
         for name, runs in side[part]["runs"].items():

@@ -167,3 +167,24 @@ def test_one_session_on_unpollable_stdin_is_one_line(users):
                                 stdin=devnull, capture_output=True, timeout=30,
                                 env=server_env())
     one_line_exit_2(result, "stdin")
+
+
+def test_toml_ratelimit_table_reaches_the_limiter(tmp_path, users):
+    conf = tmp_path / "ofmipd.toml"
+    conf.write_text(f"""
+[ratelimit]
+store = "memory"
+max_failures = 3
+base_backoff = 30
+
+[delivery]
+sendmail = "{CAPTURE}"
+
+[[auth]]
+kind = "authfile"
+path = "{users}"
+""")
+    result = run("--config", str(conf), "--check-config")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "login rate limit: memory: 3 failures" in out and "lock for 30s" in out

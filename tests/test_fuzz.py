@@ -65,10 +65,12 @@ def daemon(tmp_path_factory):
         work,
         env=server_env(CAPTURE_DIR=str(capture)),
     )
-    yield server
-    assert server.proc.poll() is None, "the server died during fuzzing"
-    assert "Traceback" not in server.log_text()
-    server.stop()
+    try:
+        yield server
+        assert server.proc.poll() is None, "the server died during fuzzing"
+        assert "Traceback" not in server.log_text()
+    finally:
+        server.stop()
 
 
 line = st.one_of(
