@@ -70,7 +70,6 @@ _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _AUTH_LINE = re.compile(rb"^\s*AUTH\s+\S+\s+\S", re.IGNORECASE)
 
 
-
 # aiosmtpd's wording, replaced where RFC or habit has a clearer one.
 _REWORDED = {
     "500 Command line too long": "500 5.5.2 Line too long",

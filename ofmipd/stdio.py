@@ -173,8 +173,10 @@ def serve_one_session(app: App) -> int:
     from ofmipd import logs
 
     if app.implicit_tls_context is not None and not stat.S_ISSOCK(os.fstat(0).st_mode):
-        print("ofmipd: --ssl with -1 needs stdin to be a socket (use stunnel for pipes)",
-              file=sys.stderr)
+        print(
+            "ofmipd: --ssl with -1 needs stdin to be a socket (use stunnel for pipes)",
+            file=sys.stderr,
+        )
         return 2
     for fd, name in ((0, "stdin"), (1, "stdout")):
         if not pollable(fd):

@@ -163,9 +163,13 @@ def test_python_dash_m_and_daemon_on_free_port(users, tmp_path):
 
 def test_one_session_on_unpollable_stdin_is_one_line(users):
     with open("/dev/null", "rb") as devnull:
-        result = subprocess.run(ofmipd_command("-1", "-a", str(users), "--sendmail", CAPTURE),
-                                stdin=devnull, capture_output=True, timeout=30,
-                                env=server_env())
+        result = subprocess.run(
+            ofmipd_command("-1", "-a", str(users), "--sendmail", CAPTURE),
+            stdin=devnull,
+            capture_output=True,
+            timeout=30,
+            env=server_env(),
+        )
     one_line_exit_2(result, "stdin")
 
 

@@ -133,8 +133,15 @@ def test_session_end_line_says_who_what_and_how_it_ended(server):
         s.sendmail("gina@example.org", ["x@example.net"], b"Subject: s\r\n\r\nhi\r\n")
     time.sleep(0.3)
     line = [x for x in server.log_text().splitlines() if ": end client=" in x][-1]
-    for part in ("client=127.0.0.1", "source=socket", "tls=no", "user=gina",
-                 "backend=authfile", "messages=1", "result=authenticated"):
+    for part in (
+        "client=127.0.0.1",
+        "source=socket",
+        "tls=no",
+        "user=gina",
+        "backend=authfile",
+        "messages=1",
+        "result=authenticated",
+    ):
         assert part in line, line
 
 

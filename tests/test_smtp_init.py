@@ -23,9 +23,14 @@ def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
         ours = SubmissionServer(app, lambda transport: None)  # type: ignore[arg-type,return-value]
         reference = SMTP.__new__(SubmissionServer)
         SMTP.__init__(
-            reference, app.handler, hostname=app.hostname, ident="ESMTP ofmipd",
-            data_size_limit=app.config.size_limit, timeout=app.config.idle_timeout,
-            auth_require_tls=False, command_call_limit={"*": app.config.max_commands},
+            reference,
+            app.handler,
+            hostname=app.hostname,
+            ident="ESMTP ofmipd",
+            data_size_limit=app.config.size_limit,
+            timeout=app.config.idle_timeout,
+            auth_require_tls=False,
+            command_call_limit={"*": app.config.max_commands},
             loop=asyncio.get_running_loop(),
         )
         return ours, reference
@@ -35,8 +40,17 @@ def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
     assert missing == set(), f"aiosmtpd sets {missing} that ofmipd's fast init does not"
     assert set(ours._smtp_methods) == set(reference._smtp_methods)
     assert set(ours._handle_hooks) == set(reference._handle_hooks)
-    for name in ("hostname", "data_size_limit", "_timeout_duration", "_auth_require_tls",
-                 "_enforce_call_limit", "_call_limit_default",
-                 "_proxy_timeout", "enable_SMTPUTF8", "_decode_data", "__ident__"):
+    for name in (
+        "hostname",
+        "data_size_limit",
+        "_timeout_duration",
+        "_auth_require_tls",
+        "_enforce_call_limit",
+        "_call_limit_default",
+        "_proxy_timeout",
+        "enable_SMTPUTF8",
+        "_decode_data",
+        "__ident__",
+    ):
         assert getattr(ours, name) == getattr(reference, name), name
     assert not ours.require_starttls and not reference.require_starttls
