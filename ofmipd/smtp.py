@@ -17,6 +17,8 @@ import time
 from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail, syntax
@@ -198,6 +200,21 @@ class SubmissionServer(SMTP):
         self._call_limit_base = {}
         self._call_limit_default = app.config.max_commands
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Parse the address of MAIL FROM / RCPT TO, as aiosmtpd 1.4 does.
+
+        aiosmtpd's own version defines a typing.Protocol class on every call (two
+        per message, a tenth of the loop's time under load); the parsing is the same.
+        """
+        if not arg:
+            return "", ""
+        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+        try:
+            address, rest = parse(arg)
+        except HeaderParseError:
+            return None, None
+        return address.addr_spec, rest
+
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
 
@@ -220,7 +237,7 @@ class SubmissionServer(SMTP):
                 return
         self.client = self.client.with_changes(tls=self.tls_active)
         self.policy = decide(self.client, self.app.config.tls, self.app.rules)
-        log.info(
+        log.debug(  # the end line repeats all of it; this one helps follow a live session
             "session %s: connect from %s port %s (%s) local %s:%s rule=%s",
             self.session_id,
             self.client.ip or "unknown",

@@ -62,6 +62,6 @@ def test_two_workers_share_the_socket_reload_and_stop_together(tmp_path):
         code = daemon.stop()
     assert code == 0
     assert len(captured_messages(capture)) == 4
-    served_by = set(re.findall(r"ofmipd\[(\d+)\]: INFO session \w+: connect", daemon.log_text()))
+    served_by = set(re.findall(r"ofmipd\[(\d+)\]: INFO session \w+: end", daemon.log_text()))
     assert served_by == set(children)  # both workers took connections
     assert subprocess.run(["pgrep", "-P", str(daemon.proc.pid)]).returncode == 1
