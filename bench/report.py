@@ -221,7 +221,7 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         "    .venv/bin/python -m bench.profile    # py-spy summary of ofmipd's event loop",
         "",
         "Every ofmipd here gets `--config` with `max_per_ip = 100000`: all load comes from "
-        "127.0.0.1, and the default per-address limit (10) refuses a client that reconnects "
+        "127.0.0.1, and the default per-address limit (50) would refuse a client that reconnects "
         "before its previous session's slot is released. Postfix runs unchrooted with "
         "`smtpd_client_connection_count_limit = 0`; Dovecot's passwd-file holds a {PLAIN} "
         "password, like ofmipd's authfile. The scaling set-ups use Debian's haproxy and "
