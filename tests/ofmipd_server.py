@@ -88,6 +88,18 @@ class Daemon:
         return self.proc.returncode
 
 
+def start_daemon(tmp_path: Path, users: Path, capture: Path, *args: str) -> Daemon:
+    """A daemon on a free port: the authfile `users`, the capture injector, and `args`."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    return Daemon(
+        ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "-a", str(users),
+         "--sendmail", CAPTURE, *args],
+        port, tmp_path, env=server_env(CAPTURE_DIR=str(capture)),
+    )  # fmt: skip
+
+
 def captured_messages(capture_dir: Path) -> list[tuple[str, bytes]]:
     """(environment text, message bytes) for each message the capture program accepted."""
     out = []

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-from tests.ofmipd_server import CAPTURE, PROGS, Daemon, server_env
+from tests.ofmipd_server import PROGS, Daemon, start_daemon
 
 PASSWORD = "Fault-Pass-3"
 
@@ -26,14 +25,7 @@ def users(tmp_path):
     return path
 
 
-def start(tmp_path: Path, users: Path, capture: Path, *extra: str) -> Daemon:
-    port = free_port()
-    return Daemon(
-        ["-p", f"127.0.0.1:{port}", "-a", str(users), *extra],
-        port,
-        tmp_path,
-        env=server_env(CAPTURE_DIR=str(capture)),
-    )
+start = start_daemon
 
 
 def delivered_ids(capture: Path) -> list[str]:
@@ -114,7 +106,7 @@ def test_flaky_injector_loses_and_doubles_nothing(tmp_path, users, capture):
 
 
 def test_sigterm_during_data_completes_the_message_then_closes(tmp_path, users, capture):
-    daemon = start(tmp_path, users, capture, "--sendmail", CAPTURE)
+    daemon = start(tmp_path, users, capture)
     try:
         idle = smtplib.SMTP(daemon.host, daemon.port, timeout=20)
         idle.ehlo("idle.test")
@@ -141,7 +133,7 @@ def test_sigterm_during_data_completes_the_message_then_closes(tmp_path, users, 
 
 
 def test_sighup_under_load_drops_no_session(tmp_path, users, capture):
-    daemon = start(tmp_path, users, capture, "--sendmail", CAPTURE)
+    daemon = start(tmp_path, users, capture)
     accepted: list[str] = []
     refused: list[str] = []
     errors: list[str] = []
@@ -168,7 +160,7 @@ def test_sighup_under_load_drops_no_session(tmp_path, users, capture):
 
 
 def test_client_disconnect_mid_data_delivers_nothing(tmp_path, users, capture):
-    daemon = start(tmp_path, users, capture, "--sendmail", CAPTURE)
+    daemon = start(tmp_path, users, capture)
     try:
         s = smtplib.SMTP(daemon.host, daemon.port, timeout=20)
         s.login("ivy", PASSWORD)

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import free_port
-from tests.ofmipd_server import CAPTURE, Daemon, captured_messages, server_env
+from tests.ofmipd_server import Daemon, captured_messages, start_daemon
 
 PASSWORD = "Hard-Pass-5"
 PLAIN = base64.b64encode(f"\0gina\0{PASSWORD}".encode())
@@ -27,24 +27,7 @@ def users(tmp_path):
     return path
 
 
-def start(tmp_path, users, capture, *args):
-    port = free_port()
-    return Daemon(
-        [
-            "-p",
-            f"127.0.0.1:{port}",
-            "--hostname",
-            "mx.test",
-            "-a",
-            str(users),
-            "--sendmail",
-            CAPTURE,
-            *args,
-        ],
-        port,
-        tmp_path,
-        env=server_env(CAPTURE_DIR=str(capture)),
-    )
+start = start_daemon
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import free_port
-from tests.ofmipd_server import CAPTURE, Daemon, captured_messages, server_env
+from tests.ofmipd_server import captured_messages, server_env, start_daemon
 from tests.tls_support import client_context, make_certificate
 
 PASSWORD = "Tls-Pass-77"
@@ -36,24 +35,7 @@ def cert_args(cert) -> list[str]:
     return ["--ssl-cert", str(cert[0]), "--ssl-key", str(cert[1])]
 
 
-def daemon(tmp_path, users, capture, *args):
-    port = free_port()
-    return Daemon(
-        [
-            "-p",
-            f"127.0.0.1:{port}",
-            "--hostname",
-            "mx.test",
-            "-a",
-            str(users),
-            "--sendmail",
-            CAPTURE,
-            *args,
-        ],
-        port,
-        tmp_path,
-        env=server_env(CAPTURE_DIR=str(capture)),
-    )
+daemon = start_daemon
 
 
 def test_tls_on_hides_auth_and_refuses_mail_until_starttls(tmp_path, users, cert, capture):
