@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from ofmipd.auth import Authenticator
 from ofmipd.errors import ConfigError
@@ -39,13 +39,12 @@ SCHEMES = {
 }
 
 
-@dataclass(frozen=True)
-class BackendSpec:
+class BackendSpec(NamedTuple):
     """One configured backend: from a flag (`arg`) or a TOML [[auth]] table (`options`)."""
 
     kind: str
     arg: str | None = None  # the flag's value, e.g. the -R URL or -A command line
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = MappingProxyType({})  # shared, so read-only
 
     def describe(self) -> str:
         return f"{self.kind} {self.arg}" if self.arg else self.kind

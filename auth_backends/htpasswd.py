@@ -18,8 +18,7 @@ import logging
 import os
 import secrets
 import stat
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from passlib.context import CryptContext
 
@@ -40,8 +39,7 @@ CONTEXT = CryptContext(
 BCRYPT_MAX = 72  # bcrypt ignores later bytes; libpass raises instead of truncating
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     hash: str
     handler: Any | None  # the libpass handler class; None = unusable, never matches
 
@@ -51,8 +49,7 @@ class Entry:
         return bool(self.handler.verify(password, self.hash))
 
 
-@dataclass(frozen=True)
-class Table:
+class Table(NamedTuple):
     users: dict[str, Entry]
     dummy: Entry | None  # None when no entry is usable: then there is nobody to hide
 

@@ -18,8 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import ldap  # python-ldap
@@ -81,8 +80,7 @@ class Answer(Exception):
         self.outcome = outcome
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     uris: tuple[str, ...]
     dn_template: str | None = None  # set: direct bind; None: search-then-bind
     bind_dn: str | None = None  # the service account; None searches anonymously

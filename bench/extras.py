@@ -19,10 +19,8 @@ from bench.systems import PYTHON, Processes, Workspace
 
 
 def exec_commands(ws: Workspace) -> dict[str, list[str]]:
-    ofmipd = systems.ofmipd_args(ws, "maildir", "exec", ["-a", str(ws.users)], 0)
-    del ofmipd[3:7]
     return {
-        "ofmipd -1": [*ofmipd, "-1"],
+        "ofmipd -1": systems.ofmipd_one_args(ws, "maildir", "exec", ["-a", str(ws.users)]),
         "bare aiosmtpd one-session": [*systems.bare_args(ws, "maildir", "exec"), "-1"],
         "python -c pass": [PYTHON, "-c", "pass"],
     }

@@ -32,7 +32,8 @@ WORKER_COUNTS = (1, 2)
 
 
 def group_cpu(groups: tuple[int, ...]) -> float:
-    """CPU seconds (user + system) used so far by every live process in these groups."""
+    """CPU seconds (user + system) used so far by the processes in these groups: the live
+    ones, plus the children they have reaped (tcpserver's sessions, Postfix's smtpd)."""
     total = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -41,8 +42,8 @@ def group_cpu(groups: tuple[int, ...]) -> float:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # ended meanwhile
-        if int(fields[2]) in groups:  # pgrp; then utime and stime in clock ticks
-            total += int(fields[11]) + int(fields[12])
+        if int(fields[2]) in groups:  # pgrp; then utime, stime, cutime, cstime in ticks
+            total += sum(int(f) for f in fields[11:15])
     return total / os.sysconf("SC_CLK_TCK")
 
 

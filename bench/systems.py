@@ -101,7 +101,7 @@ class Running:
     port: int
     pid: int  # the process whose RSS is the server's (daemon modes)
     stop: object  # () -> None
-    groups: tuple[int, ...] = ()  # process groups whose CPU time is the system's (scaling)
+    groups: tuple[int, ...] = ()  # process groups whose CPU time is the system's
 
 
 class Processes:
@@ -162,6 +162,16 @@ def ofmipd_args(
     ]  # fmt: skip
 
 
+def ofmipd_one_args(ws: Workspace, delivery: str, name: str, auth: list[str]) -> list[str]:
+    """`ofmipd -1` as tcpserver or a socketpair runs it: no listener, no slots, and no
+    --config (its only setting, max_per_ip, is the daemon's), like the bare script."""
+    tls = ["--tls", "optional", "--ssl-cert", str(ws.cert), "--ssl-key", str(ws.key)]
+    return [
+        PYTHON, "-m", "ofmipd", "--hostname", "ofmipd.bench", *auth,
+        *ws.delivery_args(delivery, name), *tls, "-1",
+    ]  # fmt: skip
+
+
 def bare_args(ws: Workspace, delivery: str, name: str) -> list[str]:
     return [
         PYTHON, BARE, "--users", str(ws.users), *ws.delivery_args(delivery, name),
@@ -177,6 +187,7 @@ def tcpserver(port: int, argv: list[str]) -> list[str]:
 
 SYSTEMS = (
     "ofmipd",
+    "ofmipd-workers2",
     "ofmipd-htpasswd",
     "bare-aiosmtpd",
     "postfix-dovecot",
@@ -197,17 +208,19 @@ def start(procs: Processes, ws: Workspace, system: str, delivery: str) -> Runnin
         procs.postfixes.append(pf)
         pf.start()
         wait_for_port(port, None, log)
-        return Running(system, port, pf.master_pid() or 0, pf.stop)
+        master = pf.master_pid() or 0
+        dovecot = pf.dovecot.pid if pf.dovecot else 0
+        return Running(system, port, master, pf.stop, (master, dovecot))
     if system == "ofmipd":
         argv = ofmipd_args(ws, delivery, name, ["-a", str(ws.users)], port)
+    elif system == "ofmipd-workers2":
+        argv = ofmipd_args(ws, delivery, name, ["-a", str(ws.users)], port, ["--workers", "2"])
     elif system == "ofmipd-htpasswd":
         argv = ofmipd_args(ws, delivery, name, ["--htpasswd", str(ws.htpasswd)], port)
     elif system == "bare-aiosmtpd":
         argv = [*bare_args(ws, delivery, name), "--listen", f"127.0.0.1:{port}"]
     elif system == "ofmipd-1-tcpserver":
-        one = ofmipd_args(ws, delivery, name, ["-a", str(ws.users)], port)
-        del one[3:7]  # no -p / -C in one-session mode
-        argv = tcpserver(port, [*one, "-1"])
+        argv = tcpserver(port, ofmipd_one_args(ws, delivery, name, ["-a", str(ws.users)]))
     elif system == "bare-1-tcpserver":
         argv = tcpserver(port, [*bare_args(ws, delivery, name), "-1"])
     else:
@@ -218,7 +231,7 @@ def start(procs: Processes, ws: Workspace, system: str, delivery: str) -> Runnin
     except Exception:
         procs.stop(proc)
         raise
-    return Running(system, port, proc.pid, lambda: procs.stop(proc))
+    return Running(system, port, proc.pid, lambda: procs.stop(proc), (proc.pid,))
 
 
 def start_custom(procs: Processes, ws: Workspace, name: str, argv_for_port) -> Running:

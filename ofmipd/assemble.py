@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import secrets
 import socket
 import ssl
-from dataclasses import dataclass, field
 from typing import Any
 
 import auth_backends
-from ofmipd.auth import Chain
+from ofmipd.auth import Chain, Decision
 from ofmipd.config import Config
 from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
-from ofmipd.metrics import Metrics
 
 
 def default_hostname() -> str:
@@ -35,34 +32,94 @@ def default_hostname() -> str:
     return name
 
 
-@dataclass
+class Metrics:
+    """The metrics facade the SMTP layer calls, as this no-op unless --metrics is given
+    (then ofmipd.metrics.PrometheusMetrics). It lives here, not in ofmipd.metrics, so a
+    process without metrics (every `ofmipd -1`) never imports that module."""
+
+    enabled = False
+
+    def session_started(self) -> None:
+        pass
+
+    def session_ended(self, result: str) -> None:
+        pass
+
+    def auth(self, mechanism: str, decision: Decision) -> None:
+        pass
+
+    def delivery(self, reply: str) -> None:
+        pass
+
+    def ratelimit_refused(self, key: str) -> None:
+        pass
+
+    def ratelimit_lockout(self, key: str) -> None:
+        pass
+
+    def start(self, host: str, port: int) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 class App:
-    config: Config
-    hostname: str
-    chain: Chain
-    delivery: Delivery
-    mechanisms: tuple[str, ...]
-    starttls_context: ssl.SSLContext | None = None
-    implicit_tls_context: ssl.SSLContext | None = None
-    rules: Any | None = None
-    proxy_trust: Any | None = None
-    proxy_timeout: float = 10.0
-    senders: Any | None = None
-    limiter: Any | None = None
-    metrics: Any = field(default_factory=lambda: Metrics())
-    reverse_names: Any | None = None
-    instance_id: str = field(default_factory=lambda: secrets.token_hex(2))
-    sessions_started: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    """Everything a session needs. build_app() fills in the optional parts after creation.
+
+    A plain class rather than a dataclass: defining a dataclass costs about a millisecond,
+    which every `ofmipd -1` process would pay."""
+
+    __slots__ = (
+        "config", "hostname", "chain", "delivery", "mechanisms", "starttls_context",
+        "implicit_tls_context", "rules", "proxy_trust", "proxy_timeout", "senders", "limiter",
+        "metrics", "reverse_names", "instance_id", "sessions_started", "_handler",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        config: Config,
+        hostname: str,
+        chain: Chain,
+        delivery: Delivery,
+        mechanisms: tuple[str, ...],
+        starttls_context: ssl.SSLContext | None = None,
+        implicit_tls_context: ssl.SSLContext | None = None,
+        rules: Any | None = None,
+        proxy_trust: Any | None = None,
+        proxy_timeout: float = 10.0,
+        senders: Any | None = None,
+        limiter: Any | None = None,
+        metrics: Any = None,
+        reverse_names: Any | None = None,
+    ) -> None:
+        self.config = config
+        self.hostname = hostname
+        self.chain = chain
+        self.delivery = delivery
+        self.mechanisms = mechanisms
+        self.starttls_context = starttls_context
+        self.implicit_tls_context = implicit_tls_context
+        self.rules = rules
+        self.proxy_trust = proxy_trust
+        self.proxy_timeout = proxy_timeout
+        self.senders = senders
+        self.limiter = limiter
+        self.metrics: Any = metrics if metrics is not None else Metrics()
+        self.reverse_names = reverse_names
+        # Unique in the logs: a random prefix per App (process or reload), then a counter.
+        self.instance_id = os.urandom(2).hex()
+        self.sessions_started = itertools.count(1)
+        self._handler: Any = None
 
     def new_session_id(self) -> str:
-        # Unique in the logs: a random prefix per App (process or reload), then a counter.
         return f"{self.instance_id}{next(self.sessions_started):x}"
 
     @property
     def handler(self) -> Any:
-        from ofmipd.smtp import SubmissionHandler
+        if self._handler is None:
+            from ofmipd.smtp import SubmissionHandler
 
-        if not hasattr(self, "_handler"):
             self._handler = SubmissionHandler(self)
         return self._handler
 

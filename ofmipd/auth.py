@@ -14,8 +14,7 @@ import hmac
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from ofmipd.identity import ClientIdentity
@@ -56,8 +55,9 @@ class Secret:
     __str__ = __repr__
 
 
-@dataclass(frozen=True)
-class Outcome:
+# Records here and elsewhere on the one-session path are NamedTuples, not dataclasses:
+# defining a frozen dataclass costs ~1 ms, paid again by every `ofmipd -1` process.
+class Outcome(NamedTuple):
     """What one backend says. `reason` is for the admin and never holds a secret."""
 
     verdict: Verdict
@@ -77,8 +77,7 @@ def tempfail(reason: str) -> Outcome:
     return Outcome(Verdict.TEMPFAIL, reason)
 
 
-@dataclass(frozen=True)
-class Lookup:
+class Lookup(NamedTuple):
     """Answer of a plaintext lookup: the stored password, or why there is none."""
 
     outcome: Outcome  # ACCEPT means "found"; REJECT unknown user; TEMPFAIL outage
@@ -104,16 +103,14 @@ def can_lookup_plaintext(backend: object) -> bool:
     return callable(getattr(backend, "lookup_plaintext", None))
 
 
-@dataclass(frozen=True)
-class Attempt:
+class Attempt(NamedTuple):
     backend: str
     target: str
     outcome: Outcome
     ms: float
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     verdict: Verdict
     user: str | None
     attempts: tuple[Attempt, ...]

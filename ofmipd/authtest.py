@@ -19,8 +19,7 @@ import logging.handlers
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from ofmipd import identity
 from ofmipd.auth import Chain, Decision, Verdict
@@ -83,7 +82,7 @@ def load_config(args: argparse.Namespace) -> Config:
         )
     config = validate(config)  # what the server would refuse to start with is an error here too
     # --tls is a what-if for the rules display, so it needs no certificate.
-    return replace(config, tls=args.tls) if args.tls else config
+    return config._replace(tls=args.tls) if args.tls else config
 
 
 def client_from_args(args: argparse.Namespace) -> identity.ClientIdentity:
@@ -111,8 +110,7 @@ def read_password() -> bytes:
     return line.rstrip(b"\r\n")
 
 
-@dataclass(frozen=True)
-class ClientView:
+class ClientView(NamedTuple):
     """What the server would let this client do, before any password is checked."""
 
     client: identity.ClientIdentity

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from dataclasses import fields
 from typing import Any
 
 from ofmipd import __version__, logs
@@ -19,8 +19,36 @@ from ofmipd.errors import ConfigError
 TMDA_ONLY = {"configdir", "pure_proxy", "vhome_script", "vdomains_path", "fallback"}
 
 
+def terminal_width() -> int:
+    """shutil.get_terminal_size().columns, without importing shutil (and bz2, lzma with it)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter with the width given: argparse makes one for every parser (and
+    checks each add_argument with one), and would import shutil, ~3 ms of every start-up,
+    to learn the terminal width even when no help is printed."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        kwargs.setdefault("width", terminal_width() - 2)  # what argparse itself subtracts
+        super().__init__(prog, **kwargs)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and exit 2 like every other config error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
@@ -308,7 +336,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
     proxies = tuple(x for x in (args.proxy_protocol or "").split(",") if x.strip())
     # Flags named like Config fields carry over as they are; None means "not given".
-    flags = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+    flags = {name: getattr(args, name) for name in Config._fields if hasattr(args, name)}
     flags.update(
         listen=listen,
         auth=auth_specs(args),
@@ -350,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         print(app.describe())
         return 0
     if config.one_session:
-        from ofmipd.stdio import serve_one_session
+        from ofmipd.stdio import exit_without_teardown, serve_one_session
 
-        return serve_one_session(app)
+        exit_without_teardown(serve_one_session(app))
     from ofmipd.listeners import serve_daemon
 
     return serve_daemon(app, config_loader=lambda: config_from_args(args))

@@ -12,12 +12,10 @@ import itertools
 import logging
 import os
 import re
-import secrets
 import shlex
 import socket
 import time
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ofmipd.identity import LAUNCHER_VARIABLES, ClientIdentity, launcher_environment
 from ofmipd.proc import environment, run_program
@@ -29,8 +27,7 @@ INJECTOR_FAILED = "451 4.3.0 Temporary delivery failure, try again later"
 THROTTLED = "450 4.7.1 Message refused by the sending limit, try again later"
 
 
-@dataclass(frozen=True)
-class Submission:
+class Submission(NamedTuple):
     queue_id: str
     sender: str
     recipients: tuple[str, ...]
@@ -40,7 +37,7 @@ class Submission:
 
 
 def new_queue_id() -> str:
-    return f"{int(time.time()):X}{secrets.token_hex(4).upper()}"
+    return f"{int(time.time()):X}{os.urandom(4).hex().upper()}"
 
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
@@ -127,7 +124,7 @@ class MaildirTarget:
         now = time.time()
         return (
             f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}"
-            f"Q{next(self._counter)}R{secrets.token_hex(4)}.{socket.gethostname()}"
+            f"Q{next(self._counter)}R{os.urandom(4).hex()}.{socket.gethostname()}"
         )
 
     def _write(self, content: bytes) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 # Where the identity came from, most trusted first.
 SOCKET = "socket"
@@ -21,8 +21,7 @@ SYSTEMD_ENV = "systemd-env"
 UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True)
-class ClientIdentity:
+class ClientIdentity(NamedTuple):
     ip: str  # "" when unknown (a pipe with no launcher environment)
     port: int | None = None
     hostname: str | None = None  # reverse name, when the launcher or a lookup gave one
@@ -42,7 +41,7 @@ class ClientIdentity:
             return False
 
     def with_changes(self, **changes: object) -> ClientIdentity:
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return self._replace(**changes)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         where = f"[{self.ip}]" if self.ip else "[unknown]"
@@ -104,8 +103,7 @@ def from_environment(env: Mapping[str, str], transport: ClientIdentity) -> Clien
     relay = "RELAYCLIENT" in env
     ucspi_ip = normalise_ip(env.get("TCPREMOTEIP"))
     if ucspi_ip:
-        return replace(
-            transport,
+        return transport._replace(
             ip=ucspi_ip,
             port=_port(env.get("TCPREMOTEPORT")),
             hostname=env.get("TCPREMOTEHOST") or None,
@@ -117,14 +115,13 @@ def from_environment(env: Mapping[str, str], transport: ClientIdentity) -> Clien
     for var, source in (("REMOTE_HOST", XINETD_ENV), ("REMOTE_ADDR", SYSTEMD_ENV)):
         ip = normalise_ip(env.get(var))
         if ip:
-            return replace(
-                transport,
+            return transport._replace(
                 ip=ip,
                 port=_port(env.get("REMOTE_PORT")),
                 source=source,
                 relay_client=relay,
             )
-    return replace(transport, relay_client=relay)
+    return transport._replace(relay_client=relay)
 
 
 # Launcher variables in our own environment describe our launcher's client (or none);

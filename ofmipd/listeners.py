@@ -22,20 +22,11 @@ from ofmipd.assemble import App, build_app
 from ofmipd.config import Config, Listen
 from ofmipd.errors import ConfigError
 from ofmipd.smtp import SubmissionServer
+from ofmipd.stdio import set_nodelay
 
 log = logging.getLogger("ofmipd")
 GRACE_SECONDS = 30.0
 SD_LISTEN_FDS_START = 3
-
-
-def set_nodelay(sock: socket.socket) -> None:
-    """Replies go out at once: without this, multi-line replies wait on delayed ACKs
-    (asyncio sets it only for sockets created with proto=IPPROTO_TCP)."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 def systemd_sockets() -> list[socket.socket]:
@@ -213,6 +204,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # now they can be handled
         accepting = [asyncio.create_task(self.accept_loop(s)) for s in self.sockets]
         names = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
         log.info("ofmipd ready on %s as %s", names, self.app.hostname)
@@ -232,10 +224,16 @@ class Daemon:
         log.info("stopped")
 
 
+# A stop or reload that arrives between binding the sockets (clients can connect from
+# then on) and installing the handlers waits, blocked, instead of killing the process.
+HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def serve_daemon(app: App, config_loader: Callable[[], Config]) -> int:
     from ofmipd import logs
 
     config = app.config
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         sockets = systemd_sockets() or [bind(listen) for listen in config.listeners]
         if config.username:

@@ -11,7 +11,7 @@ import os
 import re
 import time
 from base64 import b64decode
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # The conventional challenges (Outlook, Thunderbird and swaks expect exactly these).
 LOGIN_USERNAME_CHALLENGE = b"Username:"
@@ -22,14 +22,12 @@ class MalformedResponse(ValueError):
     """The client's response cannot be decoded; the text is an SMTP reply."""
 
 
-@dataclass(frozen=True)
-class PlainCredentials:
+class PlainCredentials(NamedTuple):
     user: bytes
     password: bytes
 
 
-@dataclass(frozen=True)
-class CramResponse:
+class CramResponse(NamedTuple):
     user: bytes
     digest: str  # lower-case hex
 
@@ -58,12 +56,14 @@ def parse_plain(message: bytes) -> PlainCredentials:
     return PlainCredentials(user, password)
 
 
-_CRAM = re.compile(rb"^(.+) ([0-9a-fA-F]{32})$", re.DOTALL)
+# A pattern, not a compiled regex: re compiles it (once) at the first CRAM-MD5 login,
+# not in every process start.
+_CRAM = rb"^(.+) ([0-9a-fA-F]{32})$"
 
 
 def parse_cram_md5(message: bytes) -> CramResponse:
     """RFC 2195: user SP 32 hex digits."""
-    match = _CRAM.match(message)
+    match = re.match(_CRAM, message, re.DOTALL)
     if not match:
         raise MalformedResponse("501 5.5.2 Malformed CRAM-MD5 response")
     return CramResponse(match.group(1), match.group(2).decode("ascii").lower())

@@ -1,9 +1,10 @@
 """Optional Prometheus metrics (--metrics HOST:PORT): a facade the SMTP layer calls, no-op when off.
 
-prometheus-client is imported only when metrics are configured. The exporter is
-prometheus_client's own HTTP server in a daemon thread: scrapes never touch the event
-loop, and counters are thread-safe. Metrics use a private registry, so a SIGHUP reload
-that keeps the same Metrics object keeps its counts.
+The no-op facade, Metrics, is defined in ofmipd.assemble, so a process without --metrics
+(every `ofmipd -1`) never imports this module. prometheus-client is imported only when
+metrics are configured. The exporter is prometheus_client's own HTTP server in a daemon
+thread: scrapes never touch the event loop, and counters are thread-safe. Metrics use a
+private registry, so a SIGHUP reload that keeps the same Metrics object keeps its counts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
+from ofmipd.assemble import Metrics
 from ofmipd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -31,37 +33,9 @@ def delivery_result(reply: str) -> str:
     return "other"
 
 
-class Metrics:
-    """No-op metrics; PrometheusMetrics overrides every method. Call sites need no `if`."""
-
-    enabled = False
-
-    def session_started(self) -> None:
-        pass
-
-    def session_ended(self, result: str) -> None:
-        pass
-
-    def auth(self, mechanism: str, decision: Decision) -> None:
-        pass
-
-    def delivery(self, reply: str) -> None:
-        pass
-
-    def ratelimit_refused(self, key: str) -> None:
-        pass
-
-    def ratelimit_lockout(self, key: str) -> None:
-        pass
-
-    def start(self, host: str, port: int) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
 class PrometheusMetrics(Metrics):
+    """Overrides every method of the no-op Metrics. Call sites need no `if`."""
+
     enabled = True
 
     def __init__(self) -> None:

@@ -3,14 +3,12 @@ rules and the TLS mode (the "realm" beside the authenticator chain's "checker").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ofmipd.identity import ClientIdentity
 
 
-@dataclass(frozen=True)
-class ClientPolicy:
+class ClientPolicy(NamedTuple):
     deny: bool = False
     deny_message: str = "554 5.7.1 Access denied"
     relay: bool = False  # may send without AUTH

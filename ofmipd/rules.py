@@ -42,9 +42,8 @@ import ipaddress
 import re
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ofmipd.errors import ConfigError
 from ofmipd.identity import normalise_ip
@@ -67,8 +66,7 @@ _MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     action: str
     matcher: str  # as the admin wrote it
     where: str  # "FILE:3", "ofmipd.toml [[rule]] #2", or "default"

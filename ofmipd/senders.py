@@ -16,15 +16,14 @@ bounces). Without a map any sender is allowed.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ofmipd.errors import ConfigError
 
 _ADDRESS = re.compile(r"^(?:[^@\s,]+@[^@\s,]+|@[^@\s,]+)$")
 
 
-@dataclass(frozen=True)
-class SenderMap:
+class SenderMap(NamedTuple):
     entries: dict[str, tuple[str, ...]]
     source: str
 

@@ -16,15 +16,15 @@ import re
 import time
 from base64 import b64encode
 from collections.abc import Callable
-from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail, syntax
 
 from ofmipd import mechanisms
 from ofmipd.auth import Chain, Decision, Verdict
+from ofmipd.data import TooBig, TooLong, read_message
 from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
 from ofmipd.identity import ClientIdentity
 from ofmipd.policy import ClientPolicy, decide
@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ofmipd.smtp")
 authlog = logging.getLogger("ofmipd.auth")
+
+# The stream buffer, and so the largest DATA chunk read at once. aiosmtpd uses its
+# 1001-octet line limit here, which pauses and resumes the socket every 2 KB of a
+# message; command and AUTH lines are still held to their own limits when read.
+STREAM_LIMIT = 32 * 1024
 
 REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
 REPLY_AUTH_BAD = "535 5.7.8 Authentication credentials invalid"
@@ -70,6 +75,12 @@ _DEFAULT_ENHANCED = {
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
 _AUTH_LINE = re.compile(rb"^\s*AUTH\s+\S+\s+\S", re.IGNORECASE)
+# "<dot-atom@dot-atom> [params]", the path nearly every client sends; anything else
+# (quoted local parts, routes, literals, comments) goes through the email parser.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>[ \t]*(?![ \t(])(.*)\Z", re.DOTALL
+)
 
 
 # aiosmtpd's wording, replaced where RFC or habit has a clearer one.
@@ -87,8 +98,7 @@ def with_enhanced_code(line: str) -> str:
     return f"{code} {extra} {line[4:]}" if extra else line
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(NamedTuple):
     """What the client sent: a password, or a CRAM-MD5 challenge and digest."""
 
     user: bytes
@@ -161,7 +171,7 @@ class SubmissionServer(SMTP):
         loop = asyncio.get_running_loop()
         asyncio.StreamReaderProtocol.__init__(
             self,
-            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            asyncio.StreamReader(loop=loop, limit=STREAM_LIMIT),
             client_connected_cb=self._cb_client_connected,
             loop=loop,
         )
@@ -180,6 +190,8 @@ class SubmissionServer(SMTP):
         self.require_starttls = False  # ofmipd's policy decides, from identity and rules
         self._timeout_duration = app.config.idle_timeout
         self._timeout_handle = None
+        self._deadline = 0.0  # see _reset_timeout
+        self._timer_due: float | None = None
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -208,12 +220,17 @@ class SubmissionServer(SMTP):
         """
         if not arg:
             return "", ""
+        simple = _SIMPLE_PATH.match(arg)
+        if simple:  # what get_angle_addr gives for it, at a tenth of the cost
+            return simple.group(1), simple.group(2)
         parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
         try:
             address, rest = parse(arg)
-        except HeaderParseError:
+            return address.addr_spec, rest
+        except (HeaderParseError, IndexError, AttributeError):
+            # Besides HeaderParseError, the email package's private parser crashes on some
+            # garbage ('"', '<a@[>'); aiosmtpd lets that become a 451 and a traceback.
             return None, None
-        return address.addr_spec, rest
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -338,6 +355,26 @@ class SubmissionServer(SMTP):
                 await super().push("421 4.7.0 Too many errors, closing connection")
                 self._close()
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Push the idle deadline back. aiosmtpd cancels and creates a timer on every
+        command; here one timer lives per session and re-arms itself if it fires early."""
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timer_due is None or self._timer_due > self._deadline:
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        self._timer_due = self._deadline
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer_due = None
+        if self.loop.time() < self._deadline:
+            self._arm_timer()
+        else:
+            self._timeout_cb()
+
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: say why before closing an idle or stalled session.
         log.info("session %s: timeout", self.session_id)
@@ -368,12 +405,49 @@ class SubmissionServer(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        async def data() -> None:
-            if self.session_state.authenticated or self.policy.relay:
-                self._reset_timeout(self.app.config.data_timeout)
-            await super(SubmissionServer, self).smtp_DATA(arg)
+        await self._busy(self._data(arg))
+        if self.transport is not None:  # idle again: the DATA timeout no longer applies
+            self._reset_timeout()
 
-        await self._busy(data())
+    async def _data(self, arg: str) -> None:
+        """aiosmtpd's DATA checks and hand-off, with ofmipd's faster reader (ofmipd/data.py)."""
+        if await self.check_helo_needed():
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if self.session_state.authenticated or self.policy.relay:
+            self._reset_timeout(self.app.config.data_timeout)
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            content = await read_message(
+                self._reader,
+                size_limit=self.app.config.size_limit,
+                line_limit=self.line_length_limit,
+            )
+        except asyncio.CancelledError:  # the connection went away mid-message
+            self._close()
+            raise
+        except asyncio.IncompleteReadError:
+            self._close()
+            return
+        except TooBig:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Message size exceeds fixed limit")
+            return
+        except TooLong:
+            self._set_post_data_state()
+            await self.push("500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)")
+            return
+        envelope.content = envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
     # ---- EHLO -----------------------------------------------------------------------
 
@@ -562,6 +636,9 @@ class SubmissionServer(SMTP):
             return None
         except asyncio.IncompleteReadError:
             self._close()
+            return None
+        if len(line) > self.line_length_limit:
+            await self.push("500 5.5.6 Authentication exchange line is too long")
             return None
         line = line.strip()
         if line == b"*":

@@ -19,6 +19,8 @@ import signal
 import time
 from collections.abc import Callable
 
+from ofmipd.listeners import HELD_SIGNALS
+
 log = logging.getLogger("ofmipd")
 
 
@@ -28,14 +30,17 @@ def run_workers(count: int, serve: Callable[[], None]) -> int:
     stopping = False
 
     def spawn() -> None:
+        # The worker starts with these blocked; its Daemon unblocks them once it can act.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            for sig in HELD_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             try:
                 serve()
             finally:
                 os._exit(0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         children[pid] = time.monotonic()
 
     def forward(sig: int, _frame: object) -> None:
@@ -48,10 +53,11 @@ def run_workers(count: int, serve: Callable[[], None]) -> int:
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    for sig in HELD_SIGNALS:
         signal.signal(sig, forward)
     for _ in range(count):
         spawn()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # serve_daemon blocked them
     log.info("started %d workers", count)
     while children:
         try:

@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = {
     "ofmipd",
+    "ofmipd-workers2",
     "ofmipd-htpasswd",
     "bare-aiosmtpd",
     "postfix-dovecot",
@@ -59,6 +60,7 @@ def test_quick_bench_completes_every_session(tmp_path):
             assert run["sessions"] >= 6, key
             assert run["concurrency"] == int(concurrency), key
             assert run["rate"] > 0, key
+            assert run["cpu_ms"] > 0, key  # the server's processes were found and measured
     assert seen == SYSTEMS
     # every system measured at every point: 2 sweep points + 3 variants
     assert len(data["results"]) == len(SYSTEMS) * 5
@@ -85,5 +87,6 @@ def test_quick_bench_completes_every_session(tmp_path):
                 assert run["rate"] > 0, name
     report = (out / "BENCHMARKS.md").read_text()
     assert "ofmipd ÷" in report and "not implemented" not in report
+    assert "## Targets (issue 8)" in report and "| `ofmipd -1` exec-to-banner" in report
     assert "`--workers 2` ÷ `--workers 1`" in report and "two ofmipd nodes behind haproxy" in report
     assert (out / "sessions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -164,6 +164,40 @@ def test_idle_timeout_says_421_before_closing(tmp_path, users, capture):
         daemon.stop()
 
 
+def test_idle_timeout_counts_from_the_last_command(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--idle-timeout", "1")
+    try:
+        raw = Raw(daemon)
+        raw.sock.settimeout(10)
+        for _ in range(6):  # 2.4 s of activity, never 1 s idle: the session lives on
+            time.sleep(0.4)
+            assert raw.command(b"NOOP").startswith(b"250")
+        quiet = time.monotonic()
+        assert raw.reply().startswith(b"421 4.4.2")
+        assert 0.8 < time.monotonic() - quiet < 5
+    finally:
+        daemon.stop()
+
+
+def test_data_timeout_covers_the_message_then_the_idle_timeout_returns(tmp_path, users, capture):
+    daemon = start(tmp_path, users, capture, "--idle-timeout", "1", "--data-timeout", "6")
+    try:
+        raw = Raw(daemon)
+        raw.sock.settimeout(10)
+        raw.login()
+        raw.command(b"MAIL FROM:<gina@example.org>")
+        raw.command(b"RCPT TO:<x@example.net>")
+        assert raw.command(b"DATA").startswith(b"354")
+        raw.send(b"Subject: slow\r\n\r\n")
+        time.sleep(1.6)  # past the idle timeout, inside the DATA timeout
+        assert raw.command(b"body\r\n.").startswith(b"250")
+        done = time.monotonic()
+        assert raw.reply().startswith(b"421 4.4.2")  # idle again: 1 s, not what is left of 6 s
+        assert time.monotonic() - done < 3
+    finally:
+        daemon.stop()
+
+
 def test_connections_per_client_address_are_limited(tmp_path, users, capture):
     daemon = start(tmp_path, users, capture, "--max-per-ip", "2")
     try:
@@ -220,6 +254,18 @@ def test_huge_auth_payload_nul_and_bad_utf8(server):
     assert raw.command(b"MAIL FROM:<\xff\xfe@example.org>")[:1] == b"5"
     assert raw.command(b"NOOP").startswith(b"250")
     raw.close()
+
+
+@pytest.mark.parametrize("path", [b'"', b"<a@[>", b"<<>>", b"<a@b.>", b"<@>"])
+def test_garbage_paths_get_a_syntax_error_not_an_internal_error(server, path):
+    # The email package's parser raises IndexError/AttributeError on some of these.
+    raw = Raw(server)
+    raw.login()
+    assert raw.command(b"MAIL FROM:" + path)[:4] in (b"553 ", b"501 ")
+    assert raw.command(b"MAIL FROM:<gina@example.org>").startswith(b"250")
+    assert raw.command(b"RCPT TO:" + path)[:4] in (b"553 ", b"501 ")
+    raw.close()
+    assert "Traceback" not in server.log_text()
 
 
 def test_helo_with_a_thousand_labels_and_ten_thousand_rcpts(tmp_path, users, capture):

@@ -20,6 +20,38 @@ from ofmipd.proc import ProgramResult, command_argv, environment, run_program
 T = TypeVar("T")
 
 
+@pytest.fixture(autouse=True, params=["pidfd", "asyncio"])
+def spawn_path(request, monkeypatch):
+    """Every test runs on both start paths: posix_spawn + pidfd, and asyncio's subprocess."""
+    if request.param == "pidfd":
+        assert proc.pidfd_spawn_works()  # this machine (Linux 5.3+) must take the fast path
+    monkeypatch.setattr(proc, "_PIDFD_SPAWN", request.param == "pidfd")
+    return request.param
+
+
+def test_fd3_data_arrives_and_the_fast_path_starts_no_thread(spawn_path, tmp_path):
+    import threading
+
+    script = tmp_path / "show"
+    script.write_text("#!/bin/sh\ntr '\\0' , <&3; echo; cat; sleep 0.3\n")
+    script.chmod(0o755)
+
+    async def go() -> tuple[ProgramResult, int]:
+        task = asyncio.ensure_future(
+            run_program([str(script)], timeout=10, pass_fds_data={3: b"u\0p\0\0"})
+        )
+        await asyncio.sleep(0.15)
+        threads = threading.active_count()
+        return await task, threads
+
+    before = threading.active_count()
+    result, during = asyncio.run(go())
+    assert result.exit_code == 0
+    assert result.stdout == b"u,p,,\n"  # fd 3 has the data; stdin is empty (/dev/null)
+    if spawn_path == "pidfd":
+        assert during == before  # asyncio's watcher would add a thread per child
+
+
 def run(**kwargs: object) -> ProgramResult:
     return asyncio.run(run_program(**kwargs))  # type: ignore[arg-type]
 

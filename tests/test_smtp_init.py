@@ -4,9 +4,13 @@ this guards that shortcut against drift from aiosmtpd's own SMTP.__init__."""
 from __future__ import annotations
 
 import asyncio
+import types
 
 from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ofmipd import smtp
 from ofmipd.assemble import build_app
 from ofmipd.cli import build_parser, config_from_args
 from ofmipd.smtp import SubmissionServer
@@ -54,3 +58,35 @@ def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
     ):
         assert getattr(ours, name) == getattr(reference, name), name
     assert not ours.require_starttls and not reference.require_starttls
+
+
+# ---- MAIL FROM / RCPT TO paths: ofmipd's fast path must agree with aiosmtpd's parser ----
+
+_PATH_CHARS = st.sampled_from(list('ab.Z9-_+=@<>[]"() \t:,;\\!#~') + ["xn--d", "a@b.c"])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    arg=st.one_of(
+        st.lists(_PATH_CHARS, max_size=12).map("".join),
+        st.builds(
+            lambda pre, local, domain, post: f"{pre}<{local}@{domain}>{post}",
+            st.sampled_from(["", " ", "\t ", "(c) "]),
+            st.lists(_PATH_CHARS, min_size=1, max_size=6).map("".join),
+            st.lists(_PATH_CHARS, min_size=1, max_size=6).map("".join),
+            st.sampled_from(["", " ", "  SIZE=10", "x", " (c) BODY=8BITMIME", "\t(", " SIZE=1 "]),
+        ),
+    )
+)
+def test_address_parsing_matches_aiosmtpd(arg):
+    server = types.SimpleNamespace(local_part_limit=0)  # all either method reads of self
+    try:
+        expected = SMTP._getaddr(server, arg)  # type: ignore[arg-type]
+    except (IndexError, AttributeError):  # aiosmtpd crashes on '"' or '<a@[>': "malformed"
+        expected = (None, None)
+    assert SubmissionServer._getaddr(server, arg) == expected  # type: ignore[arg-type]
+
+
+def test_address_fast_path_is_taken_for_ordinary_paths():
+    assert smtp._SIMPLE_PATH.match("<gina.b+tag@mail.example.org> SIZE=4096")
+    assert not smtp._SIMPLE_PATH.match('<"odd name"@example.org>')
