@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import extras, load, report, scaling, systems
+from bench import extras, load, report, scaling, systems, wakeup
 from bench.systems import ROOT, Processes, Running, Workspace
 
 
@@ -189,6 +189,11 @@ class Bench:
             "sessions": sessions, "rtt": rtt, "verify": verify, "primitive": primitive,
         }  # fmt: skip
 
+    def wakeup(self) -> None:
+        self.say("loop wake-up costs (bench.wakeup)")
+        rows = asyncio.run(wakeup.measure(30 if self.quick else 300))
+        self.side["wakeup"] = [list(row) for row in rows]
+
     def interleaved(
         self, label: str, starters: Mapping[str, Callable[[], Running]], c: int, n: int, runs: int
     ) -> dict[str, list[dict[str, float]]]:
@@ -259,6 +264,7 @@ class Bench:
         self.memory()
         self.slow_logins()
         self.auth_cost()
+        self.wakeup()
 
 
 def main() -> int:

@@ -172,6 +172,12 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
             rate("sendmail", "starttls", vc, peer), rate("sendmail", "starttls", vc, system)
         )
         out.append(f"| {LABELS[system]} | " + " | ".join(cells) + f" | {rel} |")
+    out += ["", "Server CPU ms per session for the same runs:", ""]
+    out += ["| system | " + " | ".join(f"{d} {t}" for d, t in variants) + " |",
+            "|---" * (len(variants) + 1) + "|"]  # fmt: skip
+    for system in systems:
+        cells = [stats(field(rows(d, t, vc, system), "cpu_ms"), 1.0, "{:.2f}") for d, t in variants]
+        out.append(f"| {LABELS[system]} | " + " | ".join(cells) + " |")
     out += ["", "Postfix does the same work in both delivery columns (queue, then discard). "
             "For the tcpserver rows the ratio column compares with ofmipd -1; for Postfix, "
             "which uses every core, with ofmipd --workers 2.", ""]  # fmt: skip
@@ -228,16 +234,32 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
                 f"| {prim[0] if prim else ''} | {'' if not prim else f'{prim[1] * 1e3:.3f}'} |"
             )
         out.append("")
+    if "wakeup" in side:
+        out += [
+            "Where the round trip's extra time goes (`python -m bench.wakeup`, same run): "
+            "waiting for a thread or a child puts the event loop to sleep in epoll_wait, and "
+            "waking it after a few idle milliseconds costs more than the hand-off itself.",
+            "",
+            "| what | through the loop ms | inline ms | difference ms |",
+            "|---|---|---|---|",
+        ]
+        for name, looped, inline in side["wakeup"]:
+            out.append(f"| {name} | {looped:.3f} | {inline:.3f} | {looped - inline:.3f} |")
+        out.append("")
     out += [
         "## How to reproduce",
         "",
         "    .venv/bin/python -m bench            # this file and bench/sessions.png, ~10 min",
         "    .venv/bin/python -m bench --quick --out /tmp/b   # smoke run, about a minute",
         "    .venv/bin/python -m bench.profile    # py-spy summary of ofmipd's event loop",
+        "    .venv/bin/python -m bench.wakeup     # the loop wake-up costs above, alone",
+        "    .venv/bin/python -m bench --render   # this file again from bench/results.json",
         "",
-        "Every ofmipd here gets `--config` with `max_per_ip = 100000`: all load comes from "
+        "The bench compiles ofmipd's bytecode first, as pip does on install. Every ofmipd "
+        "daemon here gets `--config` with `max_per_ip = 100000`: all load comes from "
         "127.0.0.1, and the default per-address limit (50) would refuse a client that reconnects "
-        "before its previous session's slot is released. Postfix runs unchrooted with "
+        "before its previous session's slot is released (`ofmipd -1` gets no config file, like "
+        "the bare script). Postfix runs unchrooted with "
         "`smtpd_client_connection_count_limit = 0`; Dovecot's passwd-file holds a {PLAIN} "
         "password, like ofmipd's authfile. The scaling set-ups use Debian's haproxy and "
         "redis-server; docs/scaling.md explains the arrangement.",
@@ -259,9 +281,12 @@ def targets(data: dict[str, Any], rate: Any) -> list[str]:
     def r(delivery: str, tls: str, c: int, system: str) -> float:
         return med(rate(delivery, tls, c, system))
 
-    plain = {s: r("maildir", "plain", c20, s) for s in data["systems"]}
-    tls = {s: r("maildir", "starttls", vc, s) for s in data["systems"]}
-    for label, table, c in (("Maildir", plain, c20), ("Maildir + STARTTLS", tls, vc)):
+    def cpu(tls: str, c: int, system: str) -> float:
+        runs = data["results"].get(f"maildir|{tls}|{c}|{system}", [])
+        return med(field(runs, "cpu_ms")) if runs else float("nan")
+
+    for label, tls, c in (("Maildir", "plain", c20), ("Maildir + STARTTLS", "starttls", vc)):
+        table = {s: r("maildir", tls, c, s) for s in data["systems"]}
         bare, postfix = table.get("bare-aiosmtpd"), table.get("postfix-dovecot")
         if bare:
             x = table.get("ofmipd", float("nan")) / bare
@@ -270,6 +295,10 @@ def targets(data: dict[str, Any], rate: Any) -> list[str]:
             for system, name in (("ofmipd", "ofmipd"), ("ofmipd-workers2", "ofmipd --workers 2")):
                 x = table.get(system, float("nan")) / postfix
                 add(f"C={c} {label}: {name} ÷ Postfix+Dovecot ≥ 1.3", x, x >= 1.3)
+            # Sessions per CPU-second: what the ratio would be with a core for each system.
+            x = cpu(tls, c, "postfix-dovecot") / cpu(tls, c, "ofmipd")
+            add(f"C={c} {label}: server CPU per session, Postfix+Dovecot ÷ ofmipd ≥ 1.3", x,
+                x >= 1.3)  # fmt: skip
     if "workers" in side:
         w = side["workers"]
         x = med(_rates(w, "--workers 2")) / med(_rates(w, "--workers 1"))

@@ -40,12 +40,12 @@ def new_queue_id() -> str:
     return f"{int(time.time()):X}{os.urandom(4).hex().upper()}"
 
 
-_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+_UNSAFE = r"[^\x21-\x7e]|[()\\]"  # compiled by re on first use (once per message)
 
 
 def _clean(text: str | None, fallback: str = "unknown") -> str:
     """Header-safe token: no CR/LF, parentheses or spaces that could forge a clause."""
-    return _UNSAFE.sub("?", text)[:255] if text else fallback
+    return re.sub(_UNSAFE, "?", text)[:255] if text else fallback
 
 
 def protocol_name(esmtp: bool, tls: bool, authenticated: bool) -> str:

@@ -8,6 +8,7 @@ tested without a network.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -75,9 +76,19 @@ def _port(text: object) -> int | None:
 
 
 def _split_sockaddr(addr: object) -> tuple[str, int | None]:
+    if isinstance(addr, tuple) and len(addr) == 2 and _is_dotted_quad(addr[0]):
+        return addr[0], _port(addr[1])  # AF_INET: the kernel's text is already canonical
     if isinstance(addr, tuple) and len(addr) >= 2:
         return normalise_ip(str(addr[0])), _port(addr[1])
     return "", None  # AF_UNIX socketpair, pipe
+
+
+def _is_dotted_quad(text: object) -> bool:
+    # Skips ipaddress (about 5 us, twice per connection) for what inet_ntop gives for IPv4.
+    try:
+        return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, text)) == text  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
 
 
 def from_socket(peer: object, local: object) -> ClientIdentity:

@@ -6,23 +6,28 @@ its logger is quiet unless --debug, and then a filter blanks AUTH payloads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import sys
 from typing import Any
 
-_AUTH_PAYLOAD = re.compile(rb"^(\s*AUTH\s+\S+)\s+\S.*$", re.IGNORECASE | re.DOTALL)
-_AUTH_PAYLOAD_TEXT = re.compile(r"^(\s*AUTH\s+\S+)\s+\S.*$", re.IGNORECASE | re.DOTALL)
+
+@functools.cache
+def _auth_payload() -> tuple[re.Pattern[bytes], re.Pattern[str]]:
+    # Compiled on first use, not at every one-session start.
+    pattern = r"(?is)^(\s*AUTH\s+\S+)\s+\S.*$"
+    return re.compile(pattern.encode()), re.compile(pattern)
 
 
 def redact(value: Any) -> Any:
     """AUTH <mechanism> <initial response> -> AUTH <mechanism> <redacted>."""
     if isinstance(value, str):
-        text = _AUTH_PAYLOAD_TEXT.match(value)  # every record passes here: no encoding first
+        text = _auth_payload()[1].match(value)  # every record passes here: no encoding first
         return text.group(1) + " <redacted>" if text else value
     if isinstance(value, bytes | bytearray):
-        raw = _AUTH_PAYLOAD.match(bytes(value))
+        raw = _auth_payload()[0].match(bytes(value))
         return raw.group(1) + b" <redacted>" if raw else value
     return value
 

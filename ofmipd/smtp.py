@@ -73,14 +73,23 @@ _DEFAULT_ENHANCED = {
     "554": "5.7.0",
     "555": "5.5.4",
 }
-_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-_AUTH_LINE = re.compile(rb"^\s*AUTH\s+\S+\s+\S", re.IGNORECASE)
+
+
+@functools.cache
+def _has_enhanced() -> re.Pattern[str]:
+    # Compiled on first use, like the patterns below: not before a one-session banner.
+    return re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
 # "<dot-atom@dot-atom> [params]", the path nearly every client sends; anything else
 # (quoted local parts, routes, literals, comments) goes through the email parser.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_PATH = re.compile(
-    rf"[ \t]*<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>[ \t]*(?![ \t(])(.*)\Z", re.DOTALL
-)
+_SIMPLE_PATH = rf"(?s)[ \t]*<({_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*)>[ \t]*(?![ \t(])(.*)\Z"
+
+
+@functools.cache
+def _simple_path() -> re.Pattern[str]:
+    return re.compile(_SIMPLE_PATH)
 
 
 # aiosmtpd's wording, replaced where RFC or habit has a clearer one.
@@ -91,11 +100,10 @@ _REWORDED = {
 
 
 def with_enhanced_code(line: str) -> str:
-    code = line[:3]
-    if len(line) < 4 or line[3] != " " or _HAS_ENHANCED.match(line):
+    extra = _DEFAULT_ENHANCED.get(line[:3])  # None for 220, 334, 354: they take no code
+    if extra is None or len(line) < 4 or line[3] != " " or _has_enhanced().match(line):
         return line
-    extra = _DEFAULT_ENHANCED.get(code)
-    return f"{code} {extra} {line[4:]}" if extra else line
+    return f"{line[:3]} {extra} {line[4:]}"
 
 
 class Credentials(NamedTuple):
@@ -220,7 +228,7 @@ class SubmissionServer(SMTP):
         """
         if not arg:
             return "", ""
-        simple = _SIMPLE_PATH.match(arg)
+        simple = _simple_path().match(arg)
         if simple:  # what get_angle_addr gives for it, at a tenth of the cost
             return simple.group(1), simple.group(2)
         parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec

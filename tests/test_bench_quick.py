@@ -69,6 +69,7 @@ def test_quick_bench_completes_every_session(tmp_path):
     assert set(side["memory"]["runs"]) == {"ofmipd", "bare-aiosmtpd"}
     assert set(side["slow"]["runs"]) == {"none", "5 slow"}
     assert len(side["auth"]["rtt"]) == 4
+    assert len(side["wakeup"]) == 4 and all(looped > 0 for _, looped, _ in side["wakeup"])
     # --workers 1 and 2; one node, one behind haproxy, two behind haproxy with shared Redis
     assert set(side["workers"]["runs"]) == {"--workers 1", "--workers 2"}
     assert set(side["scaling"]["runs"]) == {

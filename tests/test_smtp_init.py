@@ -4,6 +4,7 @@ this guards that shortcut against drift from aiosmtpd's own SMTP.__init__."""
 from __future__ import annotations
 
 import asyncio
+import re
 import types
 
 from aiosmtpd.smtp import SMTP
@@ -88,5 +89,5 @@ def test_address_parsing_matches_aiosmtpd(arg):
 
 
 def test_address_fast_path_is_taken_for_ordinary_paths():
-    assert smtp._SIMPLE_PATH.match("<gina.b+tag@mail.example.org> SIZE=4096")
-    assert not smtp._SIMPLE_PATH.match('<"odd name"@example.org>')
+    assert re.match(smtp._SIMPLE_PATH, "<gina.b+tag@mail.example.org> SIZE=4096")
+    assert not re.match(smtp._SIMPLE_PATH, '<"odd name"@example.org>')
