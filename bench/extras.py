@@ -160,7 +160,7 @@ def backend_specs(ws: Workspace) -> dict[str, tuple[str, str]]:
     }
 
 
-def _median_seconds(fn: Callable[[], object], repeat: int) -> float:
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -180,16 +180,16 @@ def primitive_cost(name: str, ws: Workspace, repeat: int) -> tuple[str, float]:
                     return hmac.compare_digest(line.split(b":", 1)[1], stored)
             return False
 
-        return "read file + compare_digest", _median_seconds(read_and_compare, repeat)
+        return "read file + compare_digest", median_seconds(read_and_compare, repeat)
     if name.startswith("htpasswd"):
         import bcrypt
 
         hashed = ws.htpasswd.read_text().strip().split(":", 1)[1].encode()
         hashed = b"$2b$" + hashed[4:]  # Apache writes $2y$; same algorithm
-        return "bcrypt.checkpw cost 5", _median_seconds(
+        return "bcrypt.checkpw cost 5", median_seconds(
             lambda: bcrypt.checkpw(load.PASSWORD.encode(), hashed), repeat
         )
-    return "fork+exec /bin/true", _median_seconds(
+    return "fork+exec /bin/true", median_seconds(
         lambda: subprocess.run(["/bin/true"], check=True), repeat
     )
 

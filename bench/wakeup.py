@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import bcrypt
 
+from bench.extras import median_seconds
 from ofmipd.proc import run_program
 
 
@@ -40,12 +41,7 @@ async def _timed(fn: Callable[[], Awaitable[object]], n: int) -> float:
 
 
 def _timed_sync(fn: Callable[[], object], n: int) -> float:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return _ms(times)
+    return median_seconds(fn, n) * 1000
 
 
 def _spawn_and_wait() -> None:
