@@ -9,9 +9,7 @@ Everything is started here on free loopback ports and stopped by the caller (`st
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,42 +45,6 @@ def group_cpu(groups: tuple[int, ...]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def wait_for_proxied_banner(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    """A --proxy-protocol daemon drops a trusted peer that sends no header: send one."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}: {log.read_text(errors='replace')}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.settimeout(10)
-                s.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 25\r\n")
-                if s.recv(1024).startswith(b"220"):
-                    s.sendall(b"QUIT\r\n")
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"no banner through a PROXY header on 127.0.0.1:{port}")
-
-
-def wait_for_redis(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis exited with {proc.returncode}: {log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.settimeout(5)
-                s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"redis not answering on 127.0.0.1:{port}")
-
-
 def start_redis(procs: Processes, ws: Workspace) -> tuple[int, int, Callable[[], None]]:
     """redis-server on a free port: (port, its process group, stop)."""
     port = systems.free_port()
@@ -94,7 +56,7 @@ def start_redis(procs: Processes, ws: Workspace) -> tuple[int, int, Callable[[],
             "--save", "", "--appendonly", "no", "--daemonize", "no"]  # fmt: skip
     proc = procs.spawn(argv, log)
     try:
-        wait_for_redis(port, proc, log)
+        systems.wait_for_port(port, proc, log, hello=b"PING\r\n", expect=b"+PONG")
     except Exception:
         procs.stop(proc)
         raise
@@ -110,7 +72,9 @@ def start_ofmipd(
     proc = procs.spawn(argv, log)
     try:
         if proxied:
-            wait_for_proxied_banner(port, proc, log)
+            # A trusted peer that sends no PROXY header is dropped: send one.
+            header = b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 25\r\n"
+            systems.wait_for_port(port, proc, log, hello=header, expect=b"220")
         else:
             systems.wait_for_port(port, proc, log)
     except Exception:

@@ -32,7 +32,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, log: Path) -> None:
+def wait_for_port(
+    port: int,
+    proc: subprocess.Popen[bytes] | None,
+    log: Path,
+    hello: bytes = b"",
+    expect: bytes = b"",
+) -> None:
+    """Until the server on port answers: send `hello` (if any), and the first reply must
+    start with `expect` (the default takes any banner). Raises if proc exits first."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -40,11 +48,14 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None, log: Path) ->
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                 s.settimeout(10)
-                s.recv(1024)  # the banner: the server is really serving
-                return
+                if hello:
+                    s.sendall(hello)
+                if s.recv(1024).startswith(expect):  # really serving, not just listening
+                    return
         except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no answer from 127.0.0.1:{port}")
 
 
 def env() -> dict[str, str]:

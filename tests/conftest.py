@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +42,15 @@ def capture(tmp_path: Path) -> Path:
     directory = tmp_path / "capture"
     directory.mkdir()
     return directory
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Iterator[Any]:
+    """A deployment-recipe workspace (tests/deploy_support.Workspace), closed afterwards."""
+    from tests.deploy_support import Workspace
+
+    workspace = Workspace(tmp_path)
+    try:
+        yield workspace
+    finally:
+        workspace.close()

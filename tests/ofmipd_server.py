@@ -71,6 +71,12 @@ class Daemon:
             self.stop()
             raise RuntimeError(f"ofmipd did not start: {self.log_text()}") from None
 
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def log_text(self) -> str:
         if not self.log.closed:
             self.log.flush()

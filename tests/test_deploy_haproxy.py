@@ -9,7 +9,6 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -40,15 +39,6 @@ def ofmipd_argv(work: Workspace, port: int, trusted: str = "127.0.0.1") -> list[
             }
         ),
     )
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Iterator[Workspace]:
-    workspace = Workspace(tmp_path)
-    try:
-        yield workspace
-    finally:
-        workspace.close()
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,15 +24,6 @@ from tests.deploy_support import (
 )
 
 ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Iterator[Workspace]:
-    workspace = Workspace(tmp_path)
-    try:
-        yield workspace
-    finally:
-        workspace.close()
 
 
 def activate_args(socket_unit: str, service_unit: str, listen: dict[str, str]) -> list[str]:

@@ -8,10 +8,7 @@ import signal
 import smtplib
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import free_port
 from tests.deploy_support import (
@@ -26,15 +23,6 @@ from tests.deploy_support import (
     received,
     wait_for_banner,
 )
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Iterator[Workspace]:
-    workspace = Workspace(tmp_path)
-    try:
-        yield workspace
-    finally:
-        workspace.close()
 
 
 def start_unit(work: Workspace, unit: str, port: int) -> tuple[Launched, Path]:

@@ -39,15 +39,14 @@ daemon = start_daemon
 
 
 def test_tls_on_hides_auth_and_refuses_mail_until_starttls(tmp_path, users, cert, capture):
-    server = daemon(
+    with daemon(
         tmp_path,
         users,
         capture,
         "--tls",
         "on",
         *cert_args(cert),
-    )
-    try:
+    ) as server:
         with smtplib.SMTP(server.host, server.port, timeout=20) as s:
             s.ehlo("c.test")
             assert s.has_extn("starttls") and not s.has_extn("auth")
@@ -63,39 +62,33 @@ def test_tls_on_hides_auth_and_refuses_mail_until_starttls(tmp_path, users, cert
             assert s.docmd("STARTTLS")[0] == 503
             assert s.login("frank", PASSWORD)[0] == 235
             s.sendmail("frank@example.org", ["x@example.net"], b"Subject: t\r\n\r\nhi\r\n")
-    finally:
-        server.stop()
     ((_, message),) = captured_messages(capture)
     assert b"with ESMTPSA id" in message
 
 
 def test_localoptional_allows_auth_in_clear_from_loopback_only(tmp_path, users, cert, capture):
-    server = daemon(
+    with daemon(
         tmp_path,
         users,
         capture,
         "--tls",
         "localoptional",
         *cert_args(cert),
-    )
-    try:
+    ) as server:
         with smtplib.SMTP(server.host, server.port, timeout=20) as s:
             s.ehlo("c.test")
             assert s.has_extn("auth") and s.has_extn("starttls")
             assert s.login("frank", PASSWORD)[0] == 235
-    finally:
-        server.stop()
 
 
 def test_implicit_tls_offers_auth_and_no_starttls(tmp_path, users, cert, capture):
-    server = daemon(
+    with daemon(
         tmp_path,
         users,
         capture,
         "--ssl",
         *cert_args(cert),
-    )
-    try:
+    ) as server:
         with smtplib.SMTP_SSL(
             server.host, server.port, timeout=20, context=client_context(cert[0])
         ) as s:
@@ -126,21 +119,18 @@ def test_implicit_tls_offers_auth_and_no_starttls(tmp_path, users, cert, capture
             timeout=60,
         )
         assert result.returncode == 0, result.stdout
-    finally:
-        server.stop()
     assert len(captured_messages(capture)) == 2
 
 
 def test_commands_pipelined_after_starttls_are_discarded(tmp_path, users, cert, capture):
-    server = daemon(
+    with daemon(
         tmp_path,
         users,
         capture,
         "--tls",
         "optional",
         *cert_args(cert),
-    )
-    try:
+    ) as server:
         raw = socket.create_connection((server.host, server.port), timeout=20)
         reader = raw.makefile("rb")
         reader.readline()
@@ -164,28 +154,23 @@ def test_commands_pipelined_after_starttls_are_discarded(tmp_path, users, cert, 
         assert tls_reader.readline().startswith(b"503")  # no MAIL was carried over
         tls.sendall(b"QUIT\r\n")
         tls.close()
-    finally:
-        server.stop()
 
 
 def test_auth_before_starttls_is_forgotten_after_it(tmp_path, users, cert, capture):
-    server = daemon(
+    with daemon(
         tmp_path,
         users,
         capture,
         "--tls",
         "optional",
         *cert_args(cert),
-    )
-    try:
+    ) as server:
         with smtplib.SMTP(server.host, server.port, timeout=20) as s:
             s.ehlo("c.test")
             assert s.login("frank", PASSWORD)[0] == 235
             s.starttls(context=client_context(cert[0]))
             s.ehlo("c.test")
             assert s.docmd("MAIL", "FROM:<frank@example.org>")[0] == 530
-    finally:
-        server.stop()
 
 
 def test_sighup_reloads_the_certificate_without_dropping_sessions(tmp_path, users, capture):
