@@ -21,6 +21,37 @@ def _auth_payload() -> tuple[re.Pattern[bytes], re.Pattern[str]]:
     return re.compile(pattern.encode()), re.compile(pattern)
 
 
+def printable(value: object, limit: int = 256) -> str:
+    """A client-supplied value as one safe log field, like Postfix's printable().
+
+    Anything that could end a log line or fake one (C0 and C1 controls, DEL, NEL,
+    U+2028/U+2029, other invisible format characters) and the backslash itself become
+    \\xNN or \\uNNNN escapes, so a value is always one printable line and an escape in
+    the log always means the client sent that character. Bytes that are not UTF-8 show
+    as \\xNN. Longer values are cut at `limit` characters and end in "...".
+    """
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("utf-8", "surrogateescape")
+    else:
+        text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable() and "\\" not in text:  # the common case: nothing to do
+        return text
+    return "".join(_escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    if char.isprintable() and char != "\\":
+        return char
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def redact(value: Any) -> Any:
     """AUTH <mechanism> <initial response> -> AUTH <mechanism> <redacted>."""
     if isinstance(value, str):

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ofmipd.logs import RedactAuth, redact
+from ofmipd.logs import RedactAuth, printable, redact
 
 PAYLOAD = "AGdpbmEAc2VjcmV0"
 
@@ -51,3 +51,31 @@ def test_filter_rewrites_record_args_and_message():
     )
     RedactAuth().filter(bare)
     assert PAYLOAD not in bare.getMessage()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice\nauth reject: client=203.0.113.9 user=x",
+        "alice\rauth reject: client=203.0.113.9",
+        "alice\x85auth reject",  # NEL
+        "alice\u2028auth reject",  # LINE SEPARATOR
+        "alice\u2029x",
+        "a\x00b\x1bc\x7fd",
+        "rtl\u202eoverride",
+        b"bytes\xff\nnot utf-8",
+    ],
+)
+def test_printable_makes_one_line_of_any_client_value(value):
+    text = printable(value)
+    assert text.isprintable()
+    assert len(text.splitlines()) == 1
+
+
+def test_printable_escapes_are_unambiguous():
+    assert printable("a\nb") == "a\\x0ab"
+    assert printable("a\\x0ab") == "a\\x5cx0ab"  # a typed backslash cannot fake an escape
+    assert printable("\u2028") == "\\u2028"
+    assert printable(b"\xff") == "\\xff"
+    assert printable("plain text, spaces kept") == "plain text, spaces kept"
+    assert printable("x" * 300).endswith("...") and len(printable("x" * 300)) == 259
