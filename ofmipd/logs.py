@@ -52,6 +52,17 @@ def _escape(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+@functools.cache
+def _url_userinfo() -> re.Pattern[str]:
+    return re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """Hide the password of every URL in `text`: redis://:PW@host -> redis://:***@host,
+    imaps://user:PW@host -> imaps://user:***@host. For --check-config, errors and logs."""
+    return _url_userinfo().sub(r"\1:***@", text) if "://" in text else text
+
+
 def redact(value: Any) -> Any:
     """AUTH <mechanism> <initial response> -> AUTH <mechanism> <redacted>."""
     if isinstance(value, str):

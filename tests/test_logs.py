@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ofmipd.logs import RedactAuth, printable, redact
+from ofmipd.logs import RedactAuth, printable, redact, redact_url
 
 PAYLOAD = "AGdpbmEAc2VjcmV0"
 
@@ -79,3 +79,20 @@ def test_printable_escapes_are_unambiguous():
     assert printable(b"\xff") == "\\xff"
     assert printable("plain text, spaces kept") == "plain text, spaces kept"
     assert printable("x" * 300).endswith("...") and len(printable("x" * 300)) == 259
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("redis://:S3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        (
+            "-R imaps://alice:S3cret@mail.example.org: bad port",
+            "-R imaps://alice:***@mail.example.org: bad port",
+        ),
+        ("rediss://u:p%40ss@h/1 and redis://:x@y", "rediss://u:***@h/1 and redis://:***@y"),
+        ("ldap://host/uid=%s,dc=example", "ldap://host/uid=%s,dc=example"),
+        ("imap://alice@host", "imap://alice@host"),
+    ],
+)
+def test_redact_url_hides_passwords_in_urls(text, shown):
+    assert redact_url(text) == shown
