@@ -56,7 +56,7 @@ In TOML the rules are an array of tables in ofmipd's syntax, first match wins:
     action = "require-tls"
 
 A lookup costs one dict probe per distinct prefix length present in the rules,
-whatever the number of rules (at most five for a tcprules file of IPv4 lines).
+whatever the number of rules (at most four for a tcprules file of IPv4 lines).
 """
 
 from __future__ import annotations
@@ -314,6 +314,8 @@ def _tcprules_entries(raw: str, where: str) -> Iterator[tuple[Rule, Network | No
             )
         action = RELAY
     # deny ignores its variables, as tcpserver does: it sets nothing for a dropped client
+    if len(key) > 64:  # longer than any address or range, and kept out of the message
+        raise ValueError(f"{key[:20]!r}... is too long for an address")
     if "=" in key:
         raise ValueError("host names (=host) need a DNS lookup, which ofmipd's rules do not do")
     if "@" in key:

@@ -255,6 +255,7 @@ def test_tcprules_comments_blank_lines_and_crlf() -> None:
         ("::ffff:10.0.0.1:allow", "as 10.0.0.1"),
         ("2001:db8::/32:allow", "IPv6"),
         ("\u0661.:allow", "0 to 255"),
+        ("1." * 50_000 + ":deny", "too long"),
     ],
 )
 def test_tcprules_line_that_cannot_be_honoured_names_file_and_line(
@@ -265,7 +266,7 @@ def test_tcprules_line_that_cannot_be_honoured_names_file_and_line(
     message = str(error.value)
     assert message.startswith("/etc/tcp.smtp line 3: "), message
     assert fragment in message, message
-    assert "\n" not in message
+    assert "\n" not in message and len(message) < 300
 
 
 @pytest.mark.parametrize(
