@@ -9,7 +9,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-from ofmipd.rules import DENY, RELAY, Rules
+from ofmipd.rules import ALLOW, DENY, RELAY, Rules
 from tests.conftest import free_port
 from tests.ofmipd_server import CAPTURE, Daemon, ofmipd_command, server_env
 
@@ -101,8 +101,8 @@ def file_order_decision(text: str, ip: str) -> str:
             if one == ip or one == "" or (one.endswith(".") and ip.startswith(one)):
                 if instructions.startswith("deny"):
                     return DENY
-                return RELAY if "RELAYCLIENT" in instructions else "allow"
-    return "allow"
+                return RELAY if "RELAYCLIENT" in instructions else ALLOW
+    return ALLOW
 
 
 def addresses_near(rng: random.Random, text: str, count: int) -> list[str]:
@@ -147,7 +147,7 @@ def tcprulescheck_decisions(
             decision = RELAY
         else:
             assert lines[-1] == "allow connection", check
-            decision = "allow"
+            decision = ALLOW
         answers.append((decision, lines[0]))  # "rule 10.1.:" or "default:"
     flat = iter(answers)
     return [[next(flat) for _ in ips] for ips in addresses]
