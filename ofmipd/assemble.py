@@ -146,6 +146,7 @@ class App:
         lines.append(
             f"rules: {len(self.rules) if self.rules is not None else 0}"
             + (f" from {config.rules}" if config.rules else "")
+            + (f" ({self.rules.order})" if self.rules is not None else "")
         )
         lines.append(f"mechanisms: {' '.join(self.mechanisms)}")
         lines.append("authenticators (in order):")

@@ -1,4 +1,5 @@
-"""Host rules: file syntax, errors with line numbers, first-match lookup, TOML tables."""
+"""Host rules: file syntax, errors with line numbers, first-match lookup for ofmipd's
+syntax, tcpserver's most-specific lookup for tcprules lines, TOML tables."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from ofmipd.errors import ConfigError
-from ofmipd.rules import ALLOW, DEFAULT_RULE, DENY, RELAY, REQUIRE_TLS, Rules
+from ofmipd.rules import (
+    ALLOW,
+    DEFAULT_RULE,
+    DENY,
+    FIRST_MATCH,
+    MOST_SPECIFIC,
+    RELAY,
+    REQUIRE_TLS,
+    Rules,
+)
 
 EXAMPLE = """\
 # who                  action
@@ -135,12 +145,7 @@ def test_tcprules_subset() -> None:
         ('10.0.0.0/8 deny "bad\tmessage"', "printable ASCII"),
         ('10.0.0.0/8 deny ""', "printable ASCII"),
         ("10.0.0.0/8 deny unquoted message", "expected WHO ACTION"),
-        ("1.2.3.1-50:allow", "expected WHO ACTION"),
-        ('10.:allow,RBLSMTPD=""', 'RELAYCLIENT=""'),
-        ('10.:deny,RELAYCLIENT=""', 'RELAYCLIENT=""'),
-        ("1.2.3.4.:allow", "prefix"),
-        ("300.:allow", "not an address"),
-        ("=mail.example.org:allow", "expected WHO ACTION"),
+        ("1.2.3.4 :allow", "unknown action ':allow'"),
     ],
 )
 def test_malformed_line_names_file_and_line(line: str, fragment: str) -> None:
@@ -150,6 +155,140 @@ def test_malformed_line_names_file_and_line(line: str, fragment: str) -> None:
     assert message.startswith("/etc/ofmipd/rules line 3: "), message
     assert fragment in message
     assert "\n" not in message
+
+
+# ---- tcprules lines: looked up as tcpserver does ---------------------------------------
+
+
+def test_tcprules_exact_address_beats_default_above_it() -> None:
+    rules = Rules.from_text(":allow\n127.0.0.11:deny\n", "tcp.smtp")
+    assert rules.match("127.0.0.11").action == DENY
+    assert rules.match("::ffff:127.0.0.11").action == DENY
+    assert rules.match("127.0.0.12").action == ALLOW
+    assert rules.order == MOST_SPECIFIC
+
+
+def test_tcprules_host_line_beats_broad_relayclient_above_it() -> None:
+    rules = Rules.from_text('127.:allow,RELAYCLIENT=""\n127.0.0.5:allow\n', "tcp.smtp")
+    assert rules.match("127.0.0.5").action == ALLOW  # not an open relay
+    assert rules.match("127.0.0.6").action == RELAY
+
+
+def test_tcprules_longest_prefix_wins_whatever_the_order() -> None:
+    lines = [":deny", "10.:allow", "10.1.:deny", "10.1.2.:allow", "10.1.2.3:deny"]
+    probes = {"10.1.2.3": DENY, "10.1.2.4": ALLOW, "10.1.3.1": DENY, "10.2.0.1": ALLOW}
+    rng = random.Random(5)
+    for _ in range(20):
+        rng.shuffle(lines)
+        rules = Rules.from_text("\n".join(lines), "tcp.smtp")
+        assert {ip: rules.match(ip).action for ip in probes} == probes, lines
+    assert rules.match("192.0.2.1").action == DENY
+    assert rules.match("").action == DENY  # an unknown client gets the default line
+    assert rules.match("2001:db8::1").action == DENY
+
+
+def test_tcprules_same_address_twice_first_line_counts() -> None:
+    text = "10.1.:deny\n:allow\n10.1.:allow\n:deny\n1.2.3.4-6:deny\n1.2.3.5:allow\n"
+    rules = Rules.from_text(text, "tcp.smtp")
+    assert rules.match("10.1.0.1").where == "tcp.smtp:1"
+    assert rules.match("192.0.2.1").where == "tcp.smtp:2"
+    assert rules.match("1.2.3.5").where == "tcp.smtp:5"  # the range came first
+
+
+def test_tcprules_ranges_are_expanded_as_tcprules_does() -> None:
+    text = "1.2.3.4-7:deny\n10.2-3.:deny\n1.2.4.250-300:deny\n1.2.5.07-08:deny\n:allow\n"
+    rules = Rules.from_text(text, "tcp.smtp")
+    denied = ["1.2.3.4", "1.2.3.7", "10.2.0.1", "10.3.9.9", "1.2.4.255", "1.2.5.7", "1.2.5.8"]
+    allowed = ["1.2.3.3", "1.2.3.8", "10.4.0.1", "1.2.4.249", "1.2.5.9"]
+    assert [ip for ip in denied if rules.match(ip).action != DENY] == []
+    assert [ip for ip in allowed if rules.match(ip).action != ALLOW] == []
+    assert rules.match("1.2.3.5").describe() == "rule at tcp.smtp:1 (1.2.3.4-7 deny)"
+    assert len(rules) == 5  # a range is one rule
+
+
+@pytest.mark.parametrize(
+    "instructions",
+    ['allow,RELAYCLIENT=""', 'allow,RELAYCLIENT="@fix.me"', "allow,RELAYCLIENT=/x/",
+     'allow,RELAYCLIENT="",RELAYCLIENT="a b"'],
+)  # fmt: skip
+def test_tcprules_relayclient_with_any_value_means_relay(instructions: str) -> None:
+    rules = Rules.from_text(f"10.:{instructions}  \n", "tcp.smtp")
+    assert rules.match("10.9.9.9").action == RELAY
+
+
+def test_tcprules_deny_with_variables_is_deny() -> None:
+    rules = Rules.from_text('10.:deny,RELAYCLIENT=""\n11.:deny,RBLSMTPD="x"\n', "tcp.smtp")
+    assert rules.match("10.0.0.1").action == DENY
+    assert rules.match("11.0.0.1").action == DENY
+
+
+def test_tcprules_comments_blank_lines_and_crlf() -> None:
+    rules = Rules.from_text("# 10.:deny\r\n\r\n10.:allow\r\n#:deny\n", "tcp.smtp")
+    assert rules.match("10.0.0.1").where == "tcp.smtp:3"
+    assert rules.match("11.0.0.1") is DEFAULT_RULE
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ("=mail.example.org:allow", "DNS"),
+        ("=:deny", "DNS"),
+        ("joe@127.0.0.1:allow", "TCPREMOTEINFO"),
+        ('10.:allow,RBLSMTPD=""', "'RBLSMTPD'"),
+        ('10.:allow,RELAYCLIENT="",TCPLOCALHOST="x"', "'TCPLOCALHOST'"),
+        ('10.:allow,RELAYCLIENT="x', "no closing"),
+        ("10.:allow,RELAYCLIENT", "NAME="),
+        ("10.:allow # trusted", "NAME="),
+        ("10.:allowed", "NAME="),
+        (" 10.:deny", "first column"),
+        ("1.2.3.4.:allow", "never match"),
+        ("1.2.3:allow", "never match"),
+        ("300.:allow", "0 to 255"),
+        ("1.2.3.04:allow", "leading"),
+        ("010.:allow", "leading"),
+        ("1.2.3.7-4:allow", "empty"),
+        ("1.2.3.256-300:allow", "empty"),
+        ("1.2.3.-4:allow", "bad range"),
+        ("1.2.3.1-2-3:allow", "bad range"),
+        ("1.2.3.1-1000:allow", "bad range"),
+        ("1.2-3.4-5.:allow", "never match"),
+        ("::ffff:10.0.0.1:allow", "as 10.0.0.1"),
+        ("2001:db8::/32:allow", "IPv6"),
+        ("\u0661.:allow", "0 to 255"),
+        ("1." * 50_000 + ":deny", "too long"),
+    ],
+)
+def test_tcprules_line_that_cannot_be_honoured_names_file_and_line(
+    line: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as error:
+        Rules.from_text(f"# header\n127.0.0.1:allow\n{line}\n:allow\n", "/etc/tcp.smtp")
+    message = str(error.value)
+    assert message.startswith("/etc/tcp.smtp line 3: "), message
+    assert fragment in message, message
+    assert "\n" not in message and len(message) < 300
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "first"),
+    [
+        ("# ofmipd first\n10.0.0.0/8 deny\n\n:allow\n", 4, 2),
+        (":allow\n127.0.0.11:deny\n* deny\n", 3, 1),
+        ("127.0.0.1:allow\n10.0.0.0/8 relay\n", 2, 1),
+    ],
+)
+def test_file_mixing_the_two_syntaxes_is_refused(text: str, line: int, first: int) -> None:
+    with pytest.raises(ConfigError) as error:
+        Rules.from_text(text, "rules")
+    message = str(error.value)
+    assert message.startswith(f"rules line {line}: "), message
+    assert f"line {first} is in" in message and "one syntax per file" in message
+
+
+def test_ofmipd_syntax_keeps_first_match_order() -> None:
+    rules = Rules.from_text("* allow\n127.0.0.11 deny\n", "rules")
+    assert rules.match("127.0.0.11").action == ALLOW
+    assert rules.order == FIRST_MATCH
 
 
 def test_from_file_reads_and_reports_missing_file(tmp_path: Path) -> None:
