@@ -234,11 +234,24 @@ class SubmissionServer(SMTP):
         parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
         try:
             address, rest = parse(arg)
-            return address.addr_spec, rest
+            path = address.addr_spec
         except (HeaderParseError, IndexError, AttributeError):
             # Besides HeaderParseError, the email package's private parser crashes on some
             # garbage ('"', '<a@[>'); aiosmtpd lets that become a 451 and a traceback.
             return None, None
+        consumed = arg[: len(arg) - len(rest)].replace("\t", " ")  # a tab is whitespace
+        if not (consumed.isprintable() and path.isprintable()):
+            # A control character (C0 or DEL): the parser lets them through, even unquoted.
+            # No address needs one; a NUL made the injector's argv unspawnable (451 and a
+            # traceback), and a CR would break a reply that echoes the address.
+            return None, None
+        return path, rest
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Whatever failed, the half-built envelope goes with it: the client hears "try
+        # again later", and its next MAIL must start a transaction, not get "nested MAIL".
+        self._set_rset_state()
+        return str(await super().handle_exception(error))
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
