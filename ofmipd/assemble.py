@@ -148,6 +148,7 @@ class App:
             + (f" from {config.rules}" if config.rules else "")
         )
         lines.append(f"mechanisms: {' '.join(self.mechanisms)}")
+        lines.append(f"bare LF or CR in a message: {config.bare_newline}")
         lines.append("authenticators (in order):")
         for number, backend in enumerate(self.chain.backends, 1):
             lines.append(f"  {number}. {backend.name} {backend.target}")

@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse logins when the Redis rate-limit store is down",
     )
+    limits.add_argument(
+        "--bare-newline",
+        choices=("normalize", "reject"),
+        help="a bare LF or CR in a message: take it as a line ending (normalize, the "
+        "default) or refuse the message with 550 5.5.2",
+    )
     limits.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     limits.add_argument(
         "--no-reverse-dns",

@@ -62,6 +62,7 @@ class Config(NamedTuple):
     ratelimit_options: tuple[tuple[str, Any], ...] = ()  # TOML [ratelimit] settings
     metrics: str | None = None  # HOST:PORT of a Prometheus endpoint
     reverse_dns: bool = True
+    bare_newline: str = "normalize"  # a bare LF or CR in DATA: "normalize" or "reject"
     source: str = "command line"
 
     @property
@@ -160,6 +161,7 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         "metrics": str,
         "reverse_dns": bool,
         "tls_in_front": bool,
+        "bare_newline": str,
     }
     for key, expected in simple.items():
         value = _take(data, key, expected, source)
@@ -268,6 +270,8 @@ def validate(config: Config) -> Config:
             "--ratelimit memory forgets everything when a one-session process "
             "ends; use --ratelimit redis://HOST:PORT/DB"
         )
+    if config.bare_newline not in ("normalize", "reject"):
+        raise ConfigError(f"bare_newline {config.bare_newline!r}: must be normalize or reject")
     if config.size_limit < 1024:
         raise ConfigError(f"size_limit {config.size_limit}: too small")
     return config
