@@ -13,7 +13,7 @@ from typing import Any
 
 from ofmipd import __version__, logs
 from ofmipd.config import Config, backend_from_flag, load_toml, merge, parse_listen, validate
-from ofmipd.errors import ConfigError
+from ofmipd.errors import ConfigError, one_line
 
 # tmda-ofmipd options that concern TMDA's address tagging, which ofmipd does not do.
 TMDA_ONLY = {"configdir", "pure_proxy", "vhome_script", "vdomains_path", "fallback"}
@@ -377,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app(config)
     except ConfigError as error:
         return fail(str(error))
+    except Exception as error:
+        # A value no check foresaw (a NUL in a path, say): still one line and exit 2,
+        # as a reload would say it; --debug shows where it came from.
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        return fail(f"cannot use this configuration: {one_line(error)}")
     finally:
         logging.getLogger().removeHandler(early)
     logs.replay_later(early.records)

@@ -90,7 +90,7 @@ def parse_listen(text: str, *, ipv6: bool = False) -> Listen:
         host, _, port = text.rpartition(":")
     else:
         raise ConfigError(f"listen address {text!r}: expected HOST:PORT")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"listen address {text!r}: bad port {port!r}")
     if ipv6 and ":" not in host and host not in ("", "localhost"):
         raise ConfigError(f"-6 {text!r}: {host} is not an IPv6 address")
@@ -265,6 +265,10 @@ def validate(config: Config) -> Config:
         raise ConfigError("--metrics works with one worker only (each would bind the port)")
     if config.one_session and config.metrics:
         raise ConfigError("--metrics needs daemon mode: a one-session process lives too briefly")
+    if config.metrics:
+        from ofmipd.metrics import parse_address
+
+        parse_address(config.metrics)  # --check-config and a reload see a bad address too
     if config.one_session and config.ratelimit == "memory":
         raise ConfigError(
             "--ratelimit memory forgets everything when a one-session process "
