@@ -31,6 +31,7 @@ from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 from ofmipd.logs import redact_url
 from ofmipd.offload import Offload, QueueTimeout
+from ofmipd.secretfile import warn_if_shared
 from ofmipd.urls import split_url
 
 log = logging.getLogger("ofmipd.ldap")
@@ -345,6 +346,7 @@ def _settings(options: Mapping[str, Any], where: str) -> Settings:
         _check_dn(bind_dn, f"{where}: bind_dn {bind_dn!r}")
         try:
             with open(password_file, encoding="utf-8") as f:
+                warn_if_shared(os.fstat(f.fileno()), password_file, f"{where}: bind_password_file")
                 bind_password = f.read().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{where}: bind_password_file {password_file}: {error}") from None

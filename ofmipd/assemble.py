@@ -17,6 +17,7 @@ from ofmipd.auth import Chain, Decision
 from ofmipd.config import Config
 from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
+from ofmipd.logs import redact_url
 
 
 def default_hostname() -> str:
@@ -159,7 +160,9 @@ class App:
             lines.append(f"login rate limit: {self.limiter.describe()}")
         if config.throttle_script:
             lines.append(f"throttle script: {config.throttle_script}")
-        return "\n".join(lines)
+        # Backends build their targets without passwords; this is the net for the rest
+        # (the rate-limit store's Redis URL, a URL in a checkpassword command line).
+        return redact_url("\n".join(lines))
 
 
 def describe_target(target: Target) -> str:

@@ -390,6 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.replay_later(early.records)
     if args.check_config:
         print(app.describe())
+        # What start-up would log as warnings (a readable config or password file).
+        for record in early.records:
+            if record.levelno >= logging.WARNING:
+                print(f"warning: {logs.redact_url(record.getMessage())}")
         return 0
     if config.one_session:
         from ofmipd.stdio import exit_without_teardown, serve_one_session

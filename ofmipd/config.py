@@ -114,8 +114,11 @@ def backend_from_flag(flag: str, value: str) -> BackendSpec:
 def load_toml(path: str) -> Config:
     import tomllib  # only configurations that use a file pay for the parser
 
+    from ofmipd.secretfile import warn_if_shared
+
     try:
         with open(path, "rb") as handle:
+            warn_if_shared(os.fstat(handle.fileno()), path, "config")  # a Redis URL's password
             data = tomllib.load(handle)
     except OSError as error:
         raise ConfigError(f"config {path}: {error.strerror}") from None

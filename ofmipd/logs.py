@@ -90,6 +90,14 @@ def redact(value: Any) -> Any:
     return value
 
 
+class RedactingFormatter(logging.Formatter):
+    """The usual formatting, then URL passwords hidden in whatever the line or its
+    traceback quotes: the one place every log line passes on its way out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(super().format(record))
+
+
 class RedactAuth(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -128,12 +136,12 @@ def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
         from logging.handlers import SysLogHandler
 
         syslog_handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_MAIL)
-        syslog_handler.setFormatter(logging.Formatter("ofmipd[%(process)d]: %(message)s"))
+        syslog_handler.setFormatter(RedactingFormatter("ofmipd[%(process)d]: %(message)s"))
         handlers.append(syslog_handler)
     if stderr or not handlers:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(
-            logging.Formatter("%(asctime)s ofmipd[%(process)d]: %(levelname)s %(message)s")
+            RedactingFormatter("%(asctime)s ofmipd[%(process)d]: %(levelname)s %(message)s")
         )
         handlers.append(stream)
     for each in handlers:
