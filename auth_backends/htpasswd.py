@@ -7,20 +7,21 @@ ready-made htpasswd_context is not used because it ends in a plaintext scheme th
 accepts anything it does not recognise as a password: `!locked` would "verify" against
 the password `!locked`. Here an unrecognised or malformed hash never matches.
 
-Unknown users and unusable entries cost one verification against a dummy hash of the
-scheme and cost most common in the file, so timing does not tell who exists.
+Unknown users, unusable entries and passwords too long to hash cost one verification
+against a dummy hash of the most expensive scheme and cost in the file, so they take as
+long as the slowest real check: timing does not tell an unknown name from a known one.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
-import secrets
 import stat
+import time
 from typing import Any, NamedTuple
 
 from passlib.context import CryptContext
+from passlib.utils import MAX_PASSWORD_SIZE
 
 from auth_backends import BackendSpec
 from auth_backends.watched_file import Unavailable, WatchedFile
@@ -37,6 +38,7 @@ CONTEXT = CryptContext(
     schemes=["bcrypt", "apr_md5_crypt", "ldap_sha1", "sha256_crypt", "sha512_crypt", "md5_crypt"]
 )
 BCRYPT_MAX = 72  # bcrypt ignores later bytes; libpass raises instead of truncating
+Kind = tuple[Any, int | None]  # (libpass handler, rounds): what a check costs
 
 
 class Entry(NamedTuple):
@@ -66,19 +68,52 @@ def classify(hash_text: str) -> tuple[Any | None, int | None]:
     return handler, getattr(parsed, "rounds", None)
 
 
-def make_dummy(kinds: collections.Counter[tuple[Any, int | None]]) -> Entry | None:
-    """A hash of a random password in the file's most common scheme and cost."""
-    if not kinds:
-        return None
-    (handler, rounds), _ = kinds.most_common(1)[0]
+def cost(entry: Entry) -> float:
+    """CPU seconds of one check against `entry`. Thread time, not wall time: the load of
+    other processes does not count, so the comparison holds on a busy machine."""
+    started = time.thread_time()
+    spend(entry, os.urandom(16))
+    return time.thread_time() - started
+
+
+def costliest(samples: dict[Kind, Entry], path: str) -> Kind | None:
+    """The file's most expensive scheme and cost, which the dummy hash uses.
+
+    The most expensive, not the most common: an unknown name must take as long as the
+    slowest real user, or a fast answer would tell that the name does not exist."""
+    if len(samples) <= 1:
+        return next(iter(samples), None)
+    costs = {kind: cost(entry) for kind, entry in samples.items()}
+    if min(costs.values()) * 4 < max(costs.values()):
+        # Users with a much cheaper hash answer faster than an unknown name, which tells
+        # them apart; only rehashing them fixes that.
+        log.warning(
+            "htpasswd %s mixes hash costs (%s): users with cheaper hashes answer faster than "
+            "unknown names; rehash them in the costliest scheme",
+            path,
+            ", ".join(
+                f"{describe(kind)} {seconds * 1000:.1f} ms" for kind, seconds in costs.items()
+            ),
+        )
+    return max(costs, key=costs.__getitem__)
+
+
+def make_dummy(kind: Kind) -> Entry:
+    """A hash of a random password (nobody knows it) of this scheme and cost."""
+    handler, rounds = kind
     maker = handler.using(rounds=rounds) if rounds is not None else handler
     # Costs one real hash per file load, in a worker thread (loads happen in verify).
-    return Entry(maker.hash(secrets.token_urlsafe(16)), handler)
+    return Entry(maker.hash(os.urandom(16).hex()), handler)
+
+
+def describe(kind: Kind) -> str:
+    handler, rounds = kind
+    return str(handler.name) + (f" rounds {rounds}" if rounds is not None else "")
 
 
 def parse(data: bytes, path: str) -> Table:
     users: dict[str, Entry] = {}
-    kinds: collections.Counter[tuple[Any, int | None]] = collections.Counter()
+    samples: dict[Kind, Entry] = {}  # one entry of each scheme and cost in the file
     unusable: list[str] = []
     for number, raw in enumerate(data.split(b"\n"), 1):
         line = raw.strip()
@@ -103,15 +138,17 @@ def parse(data: bytes, path: str) -> Table:
         if handler is None:
             unusable.append(user)
         else:
-            kinds[(handler, rounds)] += 1
+            samples.setdefault((handler, rounds), users[user])
+    kind = costliest(samples, path)
     log.info(
-        "htpasswd %s: %d users, %d with no usable hash%s",
+        "htpasswd %s: %d users, %d with no usable hash%s; unknown names cost %s",
         path,
         len(users),
         len(unusable),
         f" ({', '.join(unusable[:10])}{', ...' if len(unusable) > 10 else ''})" if unusable else "",
+        describe(kind) if kind is not None else "nothing (no usable hash)",
     )
-    return Table(users, make_dummy(kinds))
+    return Table(users, make_dummy(kind) if kind is not None else None)
 
 
 def check(table: Table, path: str, user: str, password: bytes) -> Outcome:
@@ -130,6 +167,9 @@ def check(table: Table, path: str, user: str, password: bytes) -> Outcome:
     try:
         matched = entry.verify(password)
     except ValueError as error:  # PasswordSizeError (> 4 KiB), a hash that parses but is bad
+        # Raised before any hashing: spend the dummy's time, or a long password would
+        # answer at once for a known user and slowly for an unknown one.
+        spend(table.dummy, password)
         return reject(f"cannot verify {user} in {path}: {type(error).__name__}")
     if matched:
         return accept("password matches", user)
@@ -140,8 +180,8 @@ def spend(entry: Entry | None, password: bytes) -> None:
     """Verify against `entry` and ignore the result: time spent, nothing learned."""
     if entry is None or entry.handler is None:
         return
-    if entry.handler.name == "bcrypt":
-        password = password[:BCRYPT_MAX]
+    # Cut to what the scheme takes, so an overlong password still costs a full check.
+    password = password[: BCRYPT_MAX if entry.handler.name == "bcrypt" else MAX_PASSWORD_SIZE]
     try:
         entry.verify(password)
     except ValueError:

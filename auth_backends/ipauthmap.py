@@ -24,12 +24,14 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from auth_backends import BackendSpec
 from ofmipd.auth import Outcome, Secret, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity, normalise_ip
+from ofmipd.logs import redact_url
+from ofmipd.urls import split_url
 
 log = logging.getLogger("ofmipd.auth.remote")
 
@@ -165,18 +167,19 @@ class RemoteServer:
     """A parsed -R URL plus options: picks the server per client and talks to it."""
 
     def __init__(self, url: str, schemes: Mapping[str, tuple[int, bool]], **options: Any) -> None:
-        where = f"-R {url}"
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as error:
-            raise ConfigError(f"{where}: {error}") from None
+        where = f"-R {redact_url(url)}"
+        parts = split_url(url, where)
+        port = parts.port
         self.scheme = parts.scheme.lower()
         if self.scheme not in schemes:
             raise ConfigError(f"{where}: expected {' or '.join(s + '://' for s in schemes)}")
+        if "@" in parts.netloc:
+            # The client's own name and password are what is checked; one in the URL
+            # would only be shown in --check-config and logs.
+            raise ConfigError(f"{where}: no user or password in the URL")
         if not parts.hostname:
             raise ConfigError(f"{where}: no host")
-        if parts.username is not None or parts.fragment or parts.path not in ("", "/"):
+        if parts.fragment or parts.path not in ("", "/"):
             raise ConfigError(f"{where}: expected {self.scheme}://HOST[:PORT]")
         for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
             if key not in OPTIONS or key == "url":

@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import ldap  # python-ldap
 import ldap.dn
@@ -29,7 +29,10 @@ from auth_backends import BackendSpec
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
+from ofmipd.logs import redact_url
 from ofmipd.offload import Offload, QueueTimeout
+from ofmipd.secretfile import warn_if_shared
+from ofmipd.urls import split_url
 
 log = logging.getLogger("ofmipd.ldap")
 T = TypeVar("T")
@@ -270,7 +273,7 @@ OPTIONS = frozenset(
 
 def create(spec: BackendSpec) -> LdapAuth:
     options = dict(spec.options)
-    where = f"-R {spec.arg}" if spec.arg is not None else '[[auth]] kind="ldap"'
+    where = f"-R {redact_url(spec.arg)}" if spec.arg is not None else '[[auth]] kind="ldap"'
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
         raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
@@ -284,7 +287,7 @@ def create(spec: BackendSpec) -> LdapAuth:
 
 def _split_flag_url(url: str, where: str) -> tuple[str, str]:
     """ldap://HOST[:PORT]/DN-TEMPLATE -> ("ldap://HOST[:PORT]", template), URL-decoded."""
-    parts = urlsplit(url)
+    parts = split_url(url, where)
     if parts.query or parts.fragment or "?" in url:
         raise ConfigError(f"{where}: LDAP URL query parts are not supported; write /DN-TEMPLATE")
     server = f"{parts.scheme}://{parts.netloc}"
@@ -293,17 +296,18 @@ def _split_flag_url(url: str, where: str) -> tuple[str, str]:
 
 
 def _check_uri(uri: str, where: str) -> None:
-    parts = urlsplit(uri)
+    parts = split_url(uri, where)  # brackets and port
+    shown = redact_url(uri)
     if parts.scheme.lower() not in ("ldap", "ldaps"):
-        raise ConfigError(f"{where}: {uri!r} is not an ldap:// or ldaps:// URL")
+        raise ConfigError(f"{where}: {shown!r} is not an ldap:// or ldaps:// URL")
+    if "@" in parts.netloc:
+        # LDAP URLs (RFC 4516) have no user part; a password there would be shown in
+        # --check-config and logs. The service account is bind_dn and bind_password_file.
+        raise ConfigError(f"{where}: {shown!r}: no user or password in an LDAP URL; use bind_dn")
     if not parts.hostname:
-        raise ConfigError(f"{where}: {uri!r} names no host")
+        raise ConfigError(f"{where}: {shown!r} names no host")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"{where}: {uri!r}: give the DN as dn_template, not in the URL")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        raise ConfigError(f"{where}: {uri!r} has a bad port") from None
+        raise ConfigError(f"{where}: {shown!r}: give the DN as dn_template, not in the URL")
 
 
 def _settings(options: Mapping[str, Any], where: str) -> Settings:
@@ -342,6 +346,7 @@ def _settings(options: Mapping[str, Any], where: str) -> Settings:
         _check_dn(bind_dn, f"{where}: bind_dn {bind_dn!r}")
         try:
             with open(password_file, encoding="utf-8") as f:
+                warn_if_shared(os.fstat(f.fileno()), password_file, f"{where}: bind_password_file")
                 bind_password = f.read().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{where}: bind_password_file {password_file}: {error}") from None

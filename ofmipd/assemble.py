@@ -17,6 +17,7 @@ from ofmipd.auth import Chain, Decision
 from ofmipd.config import Config
 from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
+from ofmipd.logs import redact_url
 
 
 def default_hostname() -> str:
@@ -149,6 +150,7 @@ class App:
             + (f" ({self.rules.order})" if self.rules is not None else "")
         )
         lines.append(f"mechanisms: {' '.join(self.mechanisms)}")
+        lines.append(f"bare LF or CR in a message: {config.bare_newline}")
         lines.append("authenticators (in order):")
         for number, backend in enumerate(self.chain.backends, 1):
             lines.append(f"  {number}. {backend.name} {backend.target}")
@@ -159,7 +161,9 @@ class App:
             lines.append(f"login rate limit: {self.limiter.describe()}")
         if config.throttle_script:
             lines.append(f"throttle script: {config.throttle_script}")
-        return "\n".join(lines)
+        # Backends build their targets without passwords; this is the net for the rest
+        # (the rate-limit store's Redis URL, a URL in a checkpassword command line).
+        return redact_url("\n".join(lines))
 
 
 def describe_target(target: Target) -> str:

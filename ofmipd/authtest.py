@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, NamedTuple
 
-from ofmipd import identity
+from ofmipd import identity, logs
 from ofmipd.auth import Chain, Decision, Verdict
 from ofmipd.cli import Parser, add_auth_options, auth_specs
 from ofmipd.config import Config, load_toml, merge, validate
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     # Backends log to "ofmipd.*": lines on stderr, never on stdout (--json; checkpassword's
     # stdout may be the client's connection).
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("ofmipd-authtest: %(message)s"))
+    handler.setFormatter(logs.RedactingFormatter("ofmipd-authtest: %(message)s"))
     root.addHandler(handler)
     for record in early.buffer:
         handler.handle(record)
@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     del password
     result = result_dict(decision, view, (time.perf_counter() - started) * 1000)
-    print(json.dumps(result, indent=2) if args.json else render_text(result))
+    # Targets and reasons carry no passwords; the net is for a URL one of them quotes.
+    print(logs.redact_url(json.dumps(result, indent=2) if args.json else render_text(result)))
     return int(result["exit"])
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ofmipd import __version__, logs
 from ofmipd.config import Config, backend_from_flag, load_toml, merge, parse_listen, validate
-from ofmipd.errors import ConfigError
+from ofmipd.errors import ConfigError, one_line
 
 # tmda-ofmipd options that concern TMDA's address tagging, which ofmipd does not do.
 TMDA_ONLY = {"configdir", "pure_proxy", "vhome_script", "vdomains_path", "fallback"}
@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse logins when the Redis rate-limit store is down",
     )
+    limits.add_argument(
+        "--bare-newline",
+        choices=("normalize", "reject"),
+        help="a bare LF or CR in a message: take it as a line ending (normalize, the "
+        "default) or refuse the message with 550 5.5.2",
+    )
     limits.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     limits.add_argument(
         "--no-reverse-dns",
@@ -371,11 +377,23 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app(config)
     except ConfigError as error:
         return fail(str(error))
+    except Exception as error:
+        # A value no check foresaw (a NUL in a path, say): still one line and exit 2,
+        # as a reload would say it; --debug shows where it came from.
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        return fail(f"cannot use this configuration: {one_line(error)}")
     finally:
         logging.getLogger().removeHandler(early)
     logs.replay_later(early.records)
     if args.check_config:
         print(app.describe())
+        # What start-up would log as warnings (a readable config or password file).
+        for record in early.records:
+            if record.levelno >= logging.WARNING:
+                print(f"warning: {logs.redact_url(record.getMessage())}")
         return 0
     if config.one_session:
         from ofmipd.stdio import exit_without_teardown, serve_one_session

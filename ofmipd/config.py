@@ -62,6 +62,7 @@ class Config(NamedTuple):
     ratelimit_options: tuple[tuple[str, Any], ...] = ()  # TOML [ratelimit] settings
     metrics: str | None = None  # HOST:PORT of a Prometheus endpoint
     reverse_dns: bool = True
+    bare_newline: str = "normalize"  # a bare LF or CR in DATA: "normalize" or "reject"
     source: str = "command line"
 
     @property
@@ -89,7 +90,7 @@ def parse_listen(text: str, *, ipv6: bool = False) -> Listen:
         host, _, port = text.rpartition(":")
     else:
         raise ConfigError(f"listen address {text!r}: expected HOST:PORT")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError(f"listen address {text!r}: bad port {port!r}")
     if ipv6 and ":" not in host and host not in ("", "localhost"):
         raise ConfigError(f"-6 {text!r}: {host} is not an IPv6 address")
@@ -113,8 +114,11 @@ def backend_from_flag(flag: str, value: str) -> BackendSpec:
 def load_toml(path: str) -> Config:
     import tomllib  # only configurations that use a file pay for the parser
 
+    from ofmipd.secretfile import warn_if_shared
+
     try:
         with open(path, "rb") as handle:
+            warn_if_shared(os.fstat(handle.fileno()), path, "config")  # a Redis URL's password
             data = tomllib.load(handle)
     except OSError as error:
         raise ConfigError(f"config {path}: {error.strerror}") from None
@@ -160,6 +164,7 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         "metrics": str,
         "reverse_dns": bool,
         "tls_in_front": bool,
+        "bare_newline": str,
     }
     for key, expected in simple.items():
         value = _take(data, key, expected, source)
@@ -263,11 +268,17 @@ def validate(config: Config) -> Config:
         raise ConfigError("--metrics works with one worker only (each would bind the port)")
     if config.one_session and config.metrics:
         raise ConfigError("--metrics needs daemon mode: a one-session process lives too briefly")
+    if config.metrics:
+        from ofmipd.metrics import parse_address
+
+        parse_address(config.metrics)  # --check-config and a reload see a bad address too
     if config.one_session and config.ratelimit == "memory":
         raise ConfigError(
             "--ratelimit memory forgets everything when a one-session process "
             "ends; use --ratelimit redis://HOST:PORT/DB"
         )
+    if config.bare_newline not in ("normalize", "reject"):
+        raise ConfigError(f"bare_newline {config.bare_newline!r}: must be normalize or reject")
     if config.size_limit < 1024:
         raise ConfigError(f"size_limit {config.size_limit}: too small")
     return config

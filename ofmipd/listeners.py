@@ -20,7 +20,7 @@ from collections.abc import Callable
 from ofmipd import identity
 from ofmipd.assemble import App, build_app
 from ofmipd.config import Config, Listen
-from ofmipd.errors import ConfigError
+from ofmipd.errors import ConfigError, one_line
 from ofmipd.smtp import SubmissionServer
 from ofmipd.stdio import set_nodelay
 
@@ -194,8 +194,12 @@ class Daemon:
     def reload(self) -> None:
         try:
             self.app = build_app(self.config_loader(), previous=self.app)
-        except ConfigError as error:
-            log.error("reload failed, keeping the running configuration: %s", error)
+        except Exception as error:
+            # Whatever went wrong (a bad file, or a value no check foresaw), the daemon
+            # keeps serving with the App it has: one line, the traceback only in --debug.
+            log.error("reload failed, keeping the running configuration: %s", one_line(error))
+            if not isinstance(error, ConfigError):
+                log.debug("reload failure", exc_info=error)
             return
         log.info("configuration reloaded")
 

@@ -53,14 +53,30 @@ def _escape(char: str) -> str:
 
 
 @functools.cache
-def _url_userinfo() -> re.Pattern[str]:
-    return re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/@\s:]*):[^/@\s]*@")
+def _url_authority() -> re.Pattern[str]:
+    # scheme://AUTHORITY, up to a path, query, fragment, space or quote.
+    return re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/?#\s'\"]+)")
+
+
+def _hide_password(match: re.Match[str]) -> str:
+    scheme, authority = match.groups()
+    userinfo, at, host = authority.rpartition("@")  # the last "@": a password may hold one
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        return f"{scheme}{user}:***@{host}" if colon else match.group(0)
+    # No "@": a password typed without "@host" reads as the port, so a port that is not
+    # a number is hidden too ("redis://:S3cret" -> "redis://:***").
+    trimmed = authority.rstrip(":,;.)")
+    host, colon, port = trimmed.rpartition(":")
+    if not colon or port.isdigit() or "]" in port or (host.startswith("[") and "]" not in host):
+        return match.group(0)
+    return f"{scheme}{host}:***{authority[len(trimmed) :]}"
 
 
 def redact_url(text: str) -> str:
     """Hide the password of every URL in `text`: redis://:PW@host -> redis://:***@host,
     imaps://user:PW@host -> imaps://user:***@host. For --check-config, errors and logs."""
-    return _url_userinfo().sub(r"\1:***@", text) if "://" in text else text
+    return _url_authority().sub(_hide_password, text) if "://" in text else text
 
 
 def redact(value: Any) -> Any:
@@ -72,6 +88,14 @@ def redact(value: Any) -> Any:
         raw = _auth_payload()[0].match(bytes(value))
         return raw.group(1) + b" <redacted>" if raw else value
     return value
+
+
+class RedactingFormatter(logging.Formatter):
+    """The usual formatting, then URL passwords hidden in whatever the line or its
+    traceback quotes: the one place every log line passes on its way out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(super().format(record))
 
 
 class RedactAuth(logging.Filter):
@@ -112,12 +136,12 @@ def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
         from logging.handlers import SysLogHandler
 
         syslog_handler = SysLogHandler(address="/dev/log", facility=SysLogHandler.LOG_MAIL)
-        syslog_handler.setFormatter(logging.Formatter("ofmipd[%(process)d]: %(message)s"))
+        syslog_handler.setFormatter(RedactingFormatter("ofmipd[%(process)d]: %(message)s"))
         handlers.append(syslog_handler)
     if stderr or not handlers:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(
-            logging.Formatter("%(asctime)s ofmipd[%(process)d]: %(levelname)s %(message)s")
+            RedactingFormatter("%(asctime)s ofmipd[%(process)d]: %(levelname)s %(message)s")
         )
         handlers.append(stream)
     for each in handlers:

@@ -128,7 +128,9 @@ class PrometheusMetrics(Metrics):
 def parse_address(text: str) -> tuple[str, int]:
     """HOST:PORT, [IPv6]:PORT or :PORT (loopback) -> (host, port)."""
     host, sep, port_text = text.strip().rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not port_text.isascii() or not port_text.isdigit():  # int() takes "²" too
+        raise ConfigError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9101")
+    if not 0 < int(port_text) < 65536:
         raise ConfigError(f"--metrics {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9101")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -194,6 +194,10 @@ class RedisStore:
         self.timeout = timeout
         self.key_prefix = key_prefix
         self._errors: tuple[type[BaseException], ...] = (RedisError, TimeoutError, OSError)
+        from ofmipd.logs import redact_url
+        from ofmipd.urls import split_url
+
+        split_url(url, "ratelimit: Redis URL")  # brackets and port, the password hidden
         try:
             # No retries: a login must not wait for Redis to come back; fail open/closed.
             self._redis = aioredis.from_url(
@@ -203,7 +207,7 @@ class RedisStore:
                 retry=Retry(NoBackoff(), 0),
             )
         except ValueError as error:
-            raise ConfigError(f"ratelimit: bad Redis URL {url!r}: {error}") from None
+            raise ConfigError(f"ratelimit: bad Redis URL {redact_url(url)!r}: {error}") from None
         self._fail = self._redis.register_script(_FAIL_SCRIPT)
 
     def _keys(self, key: str) -> list[str]:

@@ -24,7 +24,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail, syntax
 
 from ofmipd import mechanisms
 from ofmipd.auth import Chain, Decision, Verdict
-from ofmipd.data import TooBig, TooLong, read_message
+from ofmipd.data import BareNewline, TooBig, TooLong, read_message
 from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
 from ofmipd.identity import ClientIdentity
 from ofmipd.policy import ClientPolicy, decide
@@ -234,11 +234,24 @@ class SubmissionServer(SMTP):
         parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
         try:
             address, rest = parse(arg)
-            return address.addr_spec, rest
+            path = address.addr_spec
         except (HeaderParseError, IndexError, AttributeError):
             # Besides HeaderParseError, the email package's private parser crashes on some
             # garbage ('"', '<a@[>'); aiosmtpd lets that become a 451 and a traceback.
             return None, None
+        consumed = arg[: len(arg) - len(rest)].replace("\t", " ")  # a tab is whitespace
+        if not (consumed.isprintable() and path.isprintable()):
+            # A control character (C0 or DEL): the parser lets them through, even unquoted.
+            # No address needs one; a NUL made the injector's argv unspawnable (451 and a
+            # traceback), and a CR would break a reply that echoes the address.
+            return None, None
+        return path, rest
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Whatever failed, the half-built envelope goes with it: the client hears "try
+        # again later", and its next MAIL must start a transaction, not get "nested MAIL".
+        self._set_rset_state()
+        return str(await super().handle_exception(error))
 
     def _create_session(self) -> Session:
         return SubmissionSession(self.loop)
@@ -437,6 +450,7 @@ class SubmissionServer(SMTP):
                 self._reader,
                 size_limit=self.app.config.size_limit,
                 line_limit=self.line_length_limit,
+                bare_newline=self.app.config.bare_newline,
             )
         except asyncio.CancelledError:  # the connection went away mid-message
             self._close()
@@ -451,6 +465,17 @@ class SubmissionServer(SMTP):
         except TooLong:
             self._set_post_data_state()
             await self.push("500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)")
+            return
+        except BareNewline as bare:
+            self._set_post_data_state()
+            log.warning(
+                "session %s: message from %s refused: bare %s received (--bare-newline reject)",
+                self.session_id,
+                self.client.ip or "unknown",
+                bare,
+            )
+            # Postfix's smtpd_forbid_bare_newline = reject answers the same.
+            await self.push(f"550 5.5.2 Error: bare {bare} received")
             return
         envelope.content = envelope.original_content = content
         status = await self._call_handler_hook("DATA")

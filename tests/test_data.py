@@ -1,4 +1,5 @@
-"""ofmipd/data.py: the chunked DATA reader gives what a line-by-line RFC 5321 reader gives."""
+"""ofmipd/data.py: the chunked DATA reader gives what a line-by-line RFC 5321 reader gives,
+with bare newlines normalised or rejected as --bare-newline says."""
 
 from __future__ import annotations
 
@@ -8,36 +9,61 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ofmipd.data import TooBig, TooLong, read_message
+from ofmipd.data import BareNewline, TooBig, TooLong, read_message
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit, CRLF included
 
 
-def reference(stream: bytes, size_limit: int, line_limit: int = LINE_LIMIT) -> tuple[object, bytes]:
-    """aiosmtpd 1.4's algorithm, one CRLF-terminated line at a time: (result, rest of stream).
+def next_line(stream: bytes, pos: int) -> tuple[bytes, bytes, int] | None:
+    """(content, ending, next position) of the line at `pos`; the ending is CRLF, or a bare
+    CR or LF. None when the stream ends first (a CR at the very end may start a CRLF)."""
+    for i in range(pos, len(stream)):
+        if stream[i : i + 1] == b"\n":
+            return stream[pos:i], b"\n", i + 1
+        if stream[i : i + 1] == b"\r":
+            if i + 1 == len(stream):
+                return None
+            ending = b"\r\n" if stream[i + 1 : i + 2] == b"\n" else b"\r"
+            return stream[pos:i], ending, i + len(ending)
+    return None
 
-    Where a message is both too big and has a long line, the size is what the client hears.
+
+def reference(
+    stream: bytes, size_limit: int, line_limit: int = LINE_LIMIT, mode: str = "normalize"
+) -> tuple[object, bytes]:
+    """One line at a time, as RFC 5321 and --bare-newline describe it: (result, rest of stream).
+
+    A line ends at CRLF, a bare CR or a bare LF. The message ends at a "." line that both
+    ends in CRLF and follows a line that did (or starts the message). Every other line
+    starting with "." loses that dot. Where several limits are broken the client hears
+    the size, then the bare newline, then the line length.
     """
-    lines, size, pos, long_line = [], 0, 0, False
+    lines, size, pos, previous = [], 0, 0, b"\r\n"
     while True:
-        end = stream.find(b"\r\n", pos)
-        if end < 0:
+        found = next_line(stream, pos)
+        if found is None:
             return "eof", b""
-        line = stream[pos : end + 2]
-        pos = end + 2
-        if line == b".\r\n":
+        content, ending, pos = found
+        if content == b"." and ending == previous == b"\r\n":
             break
-        size += len(line)
-        long_line = long_line or len(line) > line_limit
-        lines.append(line[1:] if line.startswith(b".") else line)
+        size += len(content) + len(ending)
+        lines.append((content, ending))
+        previous = ending
     if size > size_limit:
         return TooBig, stream[pos:]
-    if long_line:
+    if mode == "reject" and any(ending != b"\r\n" for _, ending in lines):
+        return BareNewline, stream[pos:]
+    if sum(len(content) + 2 for content, _ in lines) > size_limit:
+        return TooBig, stream[pos:]  # normalising added a byte per bare ending
+    if any(len(content) + 2 > line_limit for content, _ in lines):
         return TooLong, stream[pos:]
-    return b"".join(lines), stream[pos:]
+    unstuffed = (content[1:] if content.startswith(b".") else content for content, _ in lines)
+    return b"".join(line + b"\r\n" for line in unstuffed), stream[pos:]
 
 
-def run(pieces: list[bytes], size_limit: int = 10**6, limit: int = 2**16) -> tuple[object, bytes]:
+def run(
+    pieces: list[bytes], size_limit: int = 10**6, limit: int = 2**16, mode: str = "normalize"
+) -> tuple[object, bytes]:
     async def go() -> tuple[object, bytes]:
         reader = asyncio.StreamReader(limit=limit)
 
@@ -50,9 +76,9 @@ def run(pieces: list[bytes], size_limit: int = 10**6, limit: int = 2**16) -> tup
         feeder = asyncio.create_task(feed())
         try:
             result: object = await read_message(
-                reader, size_limit=size_limit, line_limit=LINE_LIMIT
+                reader, size_limit=size_limit, line_limit=LINE_LIMIT, bare_newline=mode
             )
-        except (TooBig, TooLong) as error:
+        except (TooBig, TooLong, BareNewline) as error:
             result = type(error)
         except asyncio.IncompleteReadError:
             result = "eof"
@@ -78,15 +104,55 @@ def test_dots_at_line_starts_are_unstuffed():
     assert run([stream])[0] == b".first\r\nsecond\r\n..\r\nmid.dle\r\n.\r\n"
 
 
-@pytest.mark.parametrize(
-    "fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\n. \r\n"]
-)
-def test_bare_lf_or_cr_dot_never_ends_the_message(fake_end):
+FAKE_ENDS = [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r", b"\r\n. \r\n"]
+
+
+@pytest.mark.parametrize("mode", ["normalize", "reject"])
+@pytest.mark.parametrize("fake_end", FAKE_ENDS)
+def test_bare_lf_or_cr_dot_never_ends_the_message(fake_end, mode):
     # SMTP smuggling: anything but <CRLF>.<CRLF> is message content.
     stream = b"a" + fake_end + b"MAIL FROM:<x@y>\r\n.\r\nQUIT\r\n"
-    result, rest = run([stream])
+    result, rest = run([stream], mode=mode)
     assert rest == b"QUIT\r\n"
-    assert isinstance(result, bytes) and b"MAIL FROM:<x@y>" in result
+    if mode == "reject" and fake_end != b"\r\n. \r\n":
+        assert result is BareNewline
+    else:
+        assert isinstance(result, bytes) and b"MAIL FROM:<x@y>" in result
+
+
+def test_bare_newlines_are_normalised_to_crlf_and_those_lines_unstuffed():
+    stream = b"Subject: x\nX-A: 1\r\rbody\n..dot\r.\r\r\n.\nlast\r\n.\r\nQUIT\r\n"
+    result, rest = run([stream])
+    assert result == b"Subject: x\r\nX-A: 1\r\n\r\nbody\r\n.dot\r\n\r\n\r\n\r\nlast\r\n"
+    assert rest == b"QUIT\r\n"
+
+
+def test_reject_refuses_a_bare_lf_or_cr_after_reading_the_whole_message():
+    for bare, name in ((b"\n", "<LF>"), (b"\r", "<CR>")):
+        stream = b"Subject: x" + bare + b"body\r\n.\r\nNOOP\r\n"
+        assert run([stream], mode="reject") == (BareNewline, b"NOOP\r\n")
+
+        async def go(stream: bytes = stream) -> str:
+            reader = asyncio.StreamReader()
+            reader.feed_data(stream)
+            with pytest.raises(BareNewline) as error:
+                await read_message(reader, size_limit=10**6, line_limit=1001, bare_newline="reject")
+            return str(error.value)
+
+        assert asyncio.run(go()) == name
+    clean = b"Subject: x\r\n\r\nbody\r\n"
+    assert run([clean + b".\r\n"], mode="reject") == (clean, b"")
+
+
+def test_normalising_may_not_grow_a_message_past_the_size_limit():
+    assert run([b"\n" * 60 + b"\r\n.\r\n"], size_limit=100)[0] is TooBig
+    assert run([b"\n" * 49 + b"\r\n.\r\n"], size_limit=100)[0] == b"\r\n" * 50
+
+
+def test_a_bare_lf_ends_a_line_for_the_line_length_limit():
+    lines = (b"y" * 900 + b"\n") * 3
+    assert run([lines + b"\r\n.\r\n"])[0] == (b"y" * 900 + b"\r\n") * 3 + b"\r\n"
+    assert run([lines + b"\r\n.\r\n"], mode="reject")[0] is BareNewline
 
 
 def test_a_line_one_octet_over_the_limit_fails_after_reading_it_all():
@@ -122,9 +188,13 @@ _pieces = st.lists(
     cuts=st.lists(st.integers(0, 400)),
     limit=st.sampled_from([8, 64, 2**16]),
     size_limit=st.sampled_from([300, 10**6]),
+    mode=st.sampled_from(["normalize", "reject"]),
 )
-def test_matches_a_line_by_line_reader(parts, cuts, limit, size_limit):
+def test_matches_a_line_by_line_reader(parts, cuts, limit, size_limit, mode):
     stream = b"".join(parts) + b"\r\n.\r\nQUIT\r\n"
     points = sorted({c for c in cuts if c < len(stream)})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
-    assert run(pieces, size_limit=size_limit, limit=limit) == reference(stream, size_limit)
+    got = run(pieces, size_limit=size_limit, limit=limit, mode=mode)
+    assert got == reference(stream, size_limit, mode=mode)
+    if isinstance(got[0], bytes):  # what is handed on has CRLF line endings only
+        assert got[0].count(b"\r") == got[0].count(b"\n") == got[0].count(b"\r\n")

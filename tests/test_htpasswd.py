@@ -340,13 +340,48 @@ def test_unknown_users_take_as_long_as_wrong_passwords(path: Path, client) -> No
         assert 0.5 < seconds / wrong < 2, medians
 
 
-def test_dummy_hash_follows_the_files_scheme_and_cost(path: Path) -> None:
+def test_unknown_names_cost_as_much_as_the_most_expensive_hash(path: Path, client) -> None:
+    # Most users have cheap apr1 hashes; one has bcrypt cost 11 (~0.15 s). Every way of
+    # not checking a real hash must cost as much as that user, or timing tells them apart.
+    for name in ("ann", "ben", "cat", "dan"):
+        htpasswd(path, name, f"pw-{name}", "-m")
+    htpasswd(path, "boss", "pw-boss", "-B", "-C", "11")
+    with open(path, "a") as handle:
+        handle.write("locked:!locked\ngarbage:$2y$11$not-a-bcrypt-hash\n")
+    backend = open_file(path, workers=2, timeout=60)
+    attempts = {
+        "bcrypt user": ("boss", b"wrong"),
+        "unknown name": ("nobody", b"wrong"),
+        "locked entry": ("locked", b"wrong"),
+        "garbage hash": ("garbage", b"wrong"),
+        "over bcrypt's 72 bytes": ("boss", b"x" * 80),
+        "over 4 KiB, apr1 user": ("ann", b"x" * 5000),
+        "over 4 KiB, unknown name": ("nobody", b"x" * 5000),
+    }
+    median_seconds(backend, attempts, client, rounds=1)  # warm-up: threads started
+    medians = median_seconds(backend, attempts, client, rounds=5)
+    for kind, seconds in medians.items():
+        assert seconds >= 0.7 * medians["bcrypt user"], (kind, medians)
+
+
+def test_dummy_hash_is_the_costliest_scheme_in_the_file(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     for name in ("a", "b"):
-        htpasswd(path, name, f"pw-{name}-x", "-5", "-r", "7000")
-    htpasswd(path, "c", "pw-c-x", "-B", "-C", "5")
+        htpasswd(path, name, f"pw-{name}-x", "-5", "-r", "1000")  # the common, cheap one
+    htpasswd(path, "c", "pw-c-x", "-B", "-C", "9")
     table = open_file(path, workers=1, timeout=5).file.get()
     assert table.dummy is not None
-    assert table.dummy.hash.startswith("$6$rounds=7000$")
+    assert table.dummy.hash.startswith(("$2b$09$", "$2y$09$"))
+    assert any("mixes hash costs" in r.getMessage() for r in caplog.records)
+
+    other = path.with_name("other")
+    for name in ("a", "b"):
+        htpasswd(other, name, f"pw-{name}-x", "-B", "-C", "4")
+    htpasswd(other, "c", "pw-c-x", "-5", "-r", "50000")
+    table = open_file(other, workers=1, timeout=5).file.get()
+    assert table.dummy is not None
+    assert table.dummy.hash.startswith("$6$rounds=50000$")
 
 
 def test_many_users_are_parsed_once(path: Path, client) -> None:

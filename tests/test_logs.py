@@ -92,6 +92,17 @@ def test_printable_escapes_are_unambiguous():
         ("rediss://u:p%40ss@h/1 and redis://:x@y", "rediss://u:***@h/1 and redis://:***@y"),
         ("ldap://host/uid=%s,dc=example", "ldap://host/uid=%s,dc=example"),
         ("imap://alice@host", "imap://alice@host"),
+        # An "@" in the password: hidden up to the last one, as urlsplit reads it.
+        ("redis://:p@ss@h:6379/0 ok", "redis://:***@h:6379/0 ok"),
+        ("'imaps://u:a@b@[::1]:993': Invalid", "'imaps://u:***@[::1]:993': Invalid"),
+        # A password typed without "@host" reads as a port that is no number.
+        ("-R imaps://alice:S3cret: bad port", "-R imaps://alice:***: bad port"),
+        ("redis://:S3cret", "redis://:***"),
+        (
+            "ldap://[::1]:389 ldap://[::1 ldap://h:636/x",
+            "ldap://[::1]:389 ldap://[::1 ldap://h:636/x",
+        ),
+        ("imaps://[::1]:x", "imaps://[::1]:***"),
     ],
 )
 def test_redact_url_hides_passwords_in_urls(text, shown):

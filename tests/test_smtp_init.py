@@ -85,6 +85,8 @@ def test_address_parsing_matches_aiosmtpd(arg):
         expected = SMTP._getaddr(server, arg)  # type: ignore[arg-type]
     except (IndexError, AttributeError):  # aiosmtpd crashes on '"' or '<a@[>': "malformed"
         expected = (None, None)
+    if expected[0] is not None and not expected[0].isprintable():
+        expected = (None, None)  # ofmipd also refuses a path with a control character in it
     assert SubmissionServer._getaddr(server, arg) == expected  # type: ignore[arg-type]
 
 
