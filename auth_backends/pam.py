@@ -36,6 +36,7 @@ from auth_backends import BackendSpec
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
+from ofmipd.logs import printable
 from ofmipd.offload import Offload, QueueTimeout
 
 log = logging.getLogger("ofmipd.pam")
@@ -131,7 +132,7 @@ def _conversation(service: str, user: str, user_bytes: bytes, password: bytes) -
         text = (message or b"").decode("utf-8", "replace")
         if shown and shown in text:  # a module echoing its input must not leak it to logs
             text = text.replace(shown, "<redacted>")
-        log.log(level, "PAM %s for %s: %s", service, user, text)
+        log.log(level, "PAM %s for %s: %s", service, printable(user), printable(text))
 
     @conv_func
     def converse(count: int, messages: Any, p_response: Any, _appdata: Any) -> int:
