@@ -138,12 +138,13 @@ class ClientLines(logging.Filter):
         args = record.args
         if message.startswith("_handle_client readline"):
             return False
+        # Formatted here, so that no later filter takes the shown text for client input.
         if len(args) == 2 and message == "%r >> %r":
-            record.msg, record.args = "%r >> %s", (args[0], client_line(args[1]))
+            record.msg, record.args = f"{args[0]!r} >> {client_line(args[1])}", None
         elif len(args) == 2 and message in ("%r unrecognised: %s", "%r over limit for %s"):
             command = str(args[1])
             shown = command if command in _COMMANDS else f"<{len(command)} characters>"
-            record.args = (args[0], shown)
+            record.msg, record.args = message % (args[0], shown), None
         return True
 
 
