@@ -246,10 +246,9 @@ def render_text(result: dict[str, Any]) -> str:
             f"{a['backend']} {a['target']}: {a['verdict']} ({a['reason']}) {a['ms']:.1f} ms"
         )
     lines.append(f"client hears: {result['smtp_reply']}")
-    decided = f"decided by {result['decided_by']}, " if result["decided_by"] else ""
     lines.append(
         f"result: {result['verdict']} for user {result['user'] or '-'}: {result['why']}"
-        f" ({decided}{result['ms']:.1f} ms)"
+        f" ({result['ms']:.1f} ms)"
     )
     return "\n".join(lines)
 
