@@ -28,6 +28,7 @@ from ofmipd import proc
 from ofmipd.auth import Outcome, Secret, Verdict, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import LAUNCHER_VARIABLES, ClientIdentity, launcher_environment
+from ofmipd.logs import printable
 
 log = logging.getLogger("ofmipd.checkpassword")
 
@@ -91,7 +92,13 @@ def _log_stderr(stderr: bytes, secret: Secret, user: str, outcome: Outcome) -> N
     text = stderr.replace(secret.reveal(), b"<redacted>").decode("utf-8", "replace")
     level = logging.WARNING if outcome.verdict is Verdict.TEMPFAIL else logging.INFO
     for line in text.splitlines()[:STDERR_LINES]:
-        log.log(level, "checkpassword for %s said: %s", user, line[:STDERR_LINE_CHARS])
+        # The program may echo the user name, and its own text is not ours to trust.
+        log.log(
+            level,
+            "checkpassword for %s said: %s",
+            printable(user),
+            printable(line, STDERR_LINE_CHARS),
+        )
 
 
 def _check_program(word: str, where: str) -> None:

@@ -6,7 +6,16 @@ Two ways to find the DN to bind as:
 - search-then-bind (TOML): a service account (or anonymous) searches `base` with `filter`
   (the user name filter-escaped); exactly one entry must match, and its DN is bound with the
   user's password on a separate, short-lived connection. Service connections are pooled and
-  replaced when their server went away.
+  replaced when their server went away. A user the search does not find costs a bind too
+  (as a DN that cannot exist), so timing does not tell who exists.
+
+An accepted login returns the entry's own name, not the one typed: the directory's matching
+rules fold case and compatibility forms ("ＡＬＩＣＥ" binds as uid=alice), and the session
+must be alice for the sender map, LOGIN and the logs. That name is the `user_attribute`
+(default: the attribute of the template's RDN that holds %s, or the first one the search
+filter compares with %s) of the entry bound as: requested with the search, or read after
+the bind. An entry whose name cannot be read is a setup problem (TEMPFAIL), never the
+typed name.
 
 python-ldap blocks, so every call runs in this backend's Offload pool. Several URIs give
 failover: an outage or timeout at one server moves on to the next.
@@ -16,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -26,10 +37,10 @@ import ldap.dn
 import ldap.filter
 
 from auth_backends import BackendSpec
-from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
+from ofmipd.auth import Outcome, Secret, Verdict, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
-from ofmipd.logs import redact_url
+from ofmipd.logs import printable, redact_url
 from ofmipd.offload import Offload, QueueTimeout
 from ofmipd.secretfile import warn_if_shared
 from ofmipd.urls import split_url
@@ -57,6 +68,9 @@ REJECTING = frozenset({"invalidCredentials", "noSuchObject", "invalidDNSyntax"})
 BROKEN = (ldap.SERVER_DOWN, ldap.CONNECT_ERROR)
 SCOPES = {"base": ldap.SCOPE_BASE, "one": ldap.SCOPE_ONELEVEL, "sub": ldap.SCOPE_SUBTREE}
 DEFAULT_FILTER = "(uid=%s)"
+_ATTRIBUTE = re.compile(r"(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)\Z")
+# "(attr=...%s...)", also with options, ~= >= <=, or an extensible match "(attr:rule:=%s)".
+_COMPARED = re.compile(r"\(\s*([A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)[^=()]*=[^()]*%s")
 
 
 class ServiceRefused(ldap.LDAPError):
@@ -96,6 +110,7 @@ class Settings(NamedTuple):
     network_timeout: float = 5.0
     timeout: float = 10.0
     workers: int = 4
+    user_attribute: str = "uid"  # holds the canonical user name
 
 
 class LdapAuth:
@@ -112,6 +127,8 @@ class LdapAuth:
         self._pool: dict[str, list[Any]] = {uri: [] for uri in settings.uris}
         self._lock = threading.Lock()
         self._preferred = settings.uris[0]  # the last server that answered
+        # Bound for unknown users; random, so no entry can have it.
+        self._nobody = f"cn=ofmipd-no-such-user-{secrets.token_hex(8)},{settings.base}"
 
     async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
         password = secret.reveal()
@@ -125,16 +142,41 @@ class LdapAuth:
             return tempfail(str(error))
 
     def _verify(self, user: str, password: bytes) -> Outcome:
-        """Blocking: find the DN, bind as it."""
+        """Blocking: find the DN, bind as it, learn the entry's name."""
         try:
             if self.settings.dn_template is not None:
-                dn = self.settings.dn_template.replace("%s", ldap.dn.escape_dn_chars(user))
+                typed_dn = self.settings.dn_template.replace("%s", ldap.dn.escape_dn_chars(user))
+                dn, name = self._on_any_server(
+                    lambda uri: self._bind_as(uri, typed_dn, password, read_name=True)
+                )
             else:
-                dn = self._on_any_server(lambda uri: self._find(uri, user))
-            self._on_any_server(lambda uri: self._bind_as(uri, dn, password))
+                dn, name = self._found(user, password)
+                self._on_any_server(lambda uri: self._bind_as(uri, dn, password))
+            if name is None:
+                raise Answer(tempfail(f"LDAP bind as {dn}, but {self._unnamed(dn)}"))
         except Answer as answer:
             return answer.outcome
-        return accept(f"LDAP bind as {dn}")
+        return accept(f"LDAP bind as {dn}", name)
+
+    def _unnamed(self, dn: str) -> str:
+        attribute = self.settings.user_attribute
+        log.warning(
+            "LDAP entry %s has no single %s value to name the session by", printable(dn), attribute
+        )
+        return f"the entry has no single {attribute} value (user_attribute)"
+
+    def _found(self, user: str, password: bytes) -> tuple[str, str | None]:
+        """(DN, canonical name) of the one entry the search finds for `user`."""
+        try:
+            return self._on_any_server(lambda uri: self._find(uri, user))
+        except Answer as answer:
+            if answer.outcome.verdict is Verdict.REJECT:
+                # Found nobody (or too many): spend the bind a known user costs.
+                try:
+                    self._bind_as(self._preferred, self._nobody, password)
+                except ldap.LDAPError:
+                    pass
+            raise
 
     def _servers(self) -> list[str]:
         # Start with the server that answered last, so a dead first server costs its
@@ -181,17 +223,46 @@ class LdapAuth:
                 raise
         return conn
 
-    def _bind_as(self, uri: str, dn: str, password: bytes) -> None:
+    def _bind_as(
+        self, uri: str, dn: str, password: bytes, read_name: bool = False
+    ) -> tuple[str, str | None]:
+        """Bind as `dn`; with read_name, read the entry as itself: (its DN, its name)."""
         # A fresh connection per user bind: a pooled one would change identity under
         # whoever uses it next, and a failed bind must not leave state behind.
         conn = self._connect(uri)
         try:
             conn.simple_bind_s(dn, password)
+            if not read_name:
+                return dn, None
+            attribute = self.settings.user_attribute
+            try:
+                found = conn.search_ext_s(
+                    dn,
+                    ldap.SCOPE_BASE,
+                    "(objectClass=*)",
+                    [attribute],
+                    timeout=self.settings.timeout,
+                )
+            except ldap.LDAPError as error:
+                if isinstance(error, BROKEN):
+                    raise  # the server went away: try the next one
+                # Bound, but may not read its own entry: an ACL to fix, not a wrong password.
+                raise Answer(
+                    tempfail(
+                        f"LDAP bind as {dn}, but reading its {attribute}: {result_name(error)}"
+                    )
+                ) from None
+            entries = [(entry_dn, attrs) for entry_dn, attrs in found if entry_dn is not None]
+            if len(entries) != 1:
+                return dn, None
+            entry_dn, attrs = entries[0]
+            return entry_dn, canonical_name(attribute, entry_dn, attrs)
         finally:
             _close(conn)
 
-    def _find(self, uri: str, user: str) -> str:
-        """The one DN the search finds for `user`, via a pooled service connection."""
+    def _find(self, uri: str, user: str) -> tuple[str, str | None]:
+        """(DN, name) of the one entry the search finds for `user`, via a pooled
+        service connection."""
         s = self.settings
         query = s.filter.replace("%s", ldap.filter.escape_filter_chars(user))
         conn, reused = self._service_connection(uri)
@@ -209,21 +280,22 @@ class LdapAuth:
             raise Answer(reject("LDAP search found no such user"))
         if len(found) > 1:
             raise Answer(reject("LDAP search ambiguous: more than one entry matches"))
-        return found[0]
+        dn, attrs = found[0]
+        return dn, canonical_name(s.user_attribute, dn, attrs)
 
-    def _search(self, conn: Any, query: str) -> list[str]:
+    def _search(self, conn: Any, query: str) -> list[tuple[str, dict[str, list[bytes]]]]:
         s = self.settings
         try:
             # sizelimit 1: a second match is all we need to know to refuse.
             results = conn.search_ext_s(
-                s.base, SCOPES[s.scope], query, ["1.1"], timeout=s.timeout, sizelimit=1
+                s.base, SCOPES[s.scope], query, [s.user_attribute], timeout=s.timeout, sizelimit=1
             )
         except ldap.SIZELIMIT_EXCEEDED:
-            return ["", ""]
+            return [("", {}), ("", {})]
         except ldap.LDAPError:
             _close(conn)  # after a timeout its state is unknown
             raise
-        return [dn for dn, _ in results if dn is not None]  # skip search references
+        return [(dn, attrs) for dn, attrs in results if dn is not None]  # skip references
 
     def _service_connection(self, uri: str, fresh: bool = False) -> tuple[Any, bool]:
         """A bound service connection: (connection, whether it was reused from the pool)."""
@@ -254,6 +326,24 @@ class LdapAuth:
         self.offload.close()
 
 
+def canonical_name(attribute: str, dn: str, attrs: Mapping[str, list[bytes]]) -> str | None:
+    """The entry's name: its only `attribute` value, else the one in its RDN; None if
+    neither says (no value, several and none in the RDN, not UTF-8)."""
+    wanted = attribute.lower()
+    values = [value for key, found in attrs.items() if key.lower() == wanted for value in found]
+    if len(values) == 1:
+        try:
+            return values[0].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        rdn = ldap.dn.str2dn(dn)[0] if dn else []
+    except ldap.DECODING_ERROR:
+        return None
+    named = [value for key, value, _ in rdn if key.lower() == wanted]
+    return named[0] if len(named) == 1 and isinstance(named[0], str) else None
+
+
 def _close(conn: Any) -> None:
     try:
         conn.unbind_ext_s()
@@ -266,7 +356,7 @@ def _close(conn: Any) -> None:
 OPTIONS = frozenset(
     {
         "uri", "dn_template", "bind_dn", "bind_password_file", "base", "scope", "filter",
-        "starttls", "ca_file", "network_timeout", "timeout", "workers",
+        "starttls", "ca_file", "network_timeout", "timeout", "workers", "user_attribute",
     }
 )  # fmt: skip
 
@@ -380,6 +470,9 @@ def _settings(options: Mapping[str, Any], where: str) -> Settings:
     workers = options.get("workers", 4)
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
         raise ConfigError(f"{where}: workers must be a whole number from 1 to 256")
+    attribute = _text(options, "user_attribute", where) or _named_by(template, query, where)
+    if not _ATTRIBUTE.match(attribute):
+        raise ConfigError(f"{where}: user_attribute {attribute!r} is not an attribute name")
     return Settings(
         uris=uris,
         dn_template=template,
@@ -393,7 +486,24 @@ def _settings(options: Mapping[str, Any], where: str) -> Settings:
         network_timeout=network_timeout,
         timeout=timeout,
         workers=workers,
+        user_attribute=attribute,
     )
+
+
+def _named_by(template: str | None, query: str, where: str) -> str:
+    """The attribute that names a user: the template's RDN holding %s, or the first
+    attribute the filter compares with %s."""
+    if template is not None:
+        marker = "ofmipdUserName"
+        for rdn in ldap.dn.str2dn(template.replace("%s", marker)):
+            for attribute, value, _ in rdn:
+                if marker in value:
+                    return str(attribute)
+        raise ConfigError(f"{where}: DN template {template!r}: set user_attribute")
+    compared = _COMPARED.search(query)
+    if compared is None:
+        raise ConfigError(f"{where}: filter {query!r}: set user_attribute (the name attribute)")
+    return compared.group(1)
 
 
 def _text(options: Mapping[str, Any], key: str, where: str) -> str | None:

@@ -1,10 +1,14 @@
 """PAM authenticator: pam_authenticate and pam_acct_mgmt for one PAM service, in a worker pool.
 
 python-pam's high-level authenticate() cannot set PAM_RHOST/PAM_RUSER, takes PAM_TTY from
-the process's own terminal, answers only the first echo-off prompt, and does not say which
-step failed. So this module runs its own short PAM transaction with python-pam's ctypes
-bindings and structures (pam.__internals): one handle per call, because PAM handles are not
-thread-safe, and no pam_setcred/pam_open_session, because SMTP AUTH opens no login session.
+the process's own terminal, answers only the first echo-off prompt, and says neither which
+step failed nor which user PAM authenticated. So this module runs its own short PAM
+transaction with python-pam's ctypes bindings and structures (pam.__internals): one handle
+per call, because PAM handles are not thread-safe, and no pam_setcred/pam_open_session,
+because SMTP AUTH opens no login session.
+
+A module may change PAM_USER (case folding, aliases, realm stripping), so an accepted login
+returns PAM_USER as it stands after pam_acct_mgmt: that is who the stack authenticated.
 """
 
 from __future__ import annotations
@@ -12,7 +16,19 @@ from __future__ import annotations
 import logging
 import os
 import re
-from ctypes import CDLL, POINTER, byref, c_char_p, c_void_p, cast, memmove, sizeof
+from ctypes import (
+    CDLL,
+    POINTER,
+    byref,
+    c_char_p,
+    c_int,
+    c_void_p,
+    cast,
+    memmove,
+    sizeof,
+    string_at,
+)
+from ctypes.util import find_library
 from typing import Any
 
 from pam.__internals import (  # python-pam
@@ -24,6 +40,7 @@ from pam.__internals import (  # python-pam
     PAM_RUSER,
     PAM_TEXT_INFO,
     PAM_TTY,
+    PAM_USER,
     PamAuthenticator,
     PamConv,
     PamHandle,
@@ -36,6 +53,7 @@ from auth_backends import BackendSpec
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
+from ofmipd.logs import printable
 from ofmipd.offload import Offload, QueueTimeout
 
 log = logging.getLogger("ofmipd.pam")
@@ -69,13 +87,12 @@ _libc = CDLL(None)  # our own handle, so argtypes set here do not touch python-p
 _free = _libc.free
 _free.argtypes = [c_void_p]
 _free.restype = None
+_pam_get_item: Any = None  # libpam's, bound on first use (python-pam does not wrap it)
 
 
 def outcome_for(step: str, code: int, text: str) -> Outcome:
     """Map one PAM return code onto the three-way verdict; `text` is pam_strerror's."""
     reason = f"{step} {CODE_NAMES.get(code, f'PAM code {code}')}: {text}"
-    if code == PAM_SUCCESS:
-        return accept("pam_authenticate and pam_acct_mgmt succeeded")
     if code in REJECTING:
         return reject(reason)
     return tempfail(reason)
@@ -112,9 +129,32 @@ def pam_transaction(service: str, user: str, password: bytes, rhost: str) -> Out
                 # Locked, expired or access-denied accounts fail here, not in authenticate.
                 step = "pam_acct_mgmt"
                 code = lib.pam_acct_mgmt(handle, PAM_DISALLOW_NULL_AUTHTOK)
+        if code == PAM_SUCCESS:
+            return authenticated_user(handle)
         return outcome_for(step, code, _strerror(handle, code))
     finally:
         lib.pam_end(handle, code)
+
+
+def authenticated_user(handle: PamHandle) -> Outcome:
+    """ACCEPT with PAM_USER as the stack left it (before pam_end frees it)."""
+    global _pam_get_item
+    if _pam_get_item is None:
+        function = CDLL(find_library("pam") or "libpam.so.0").pam_get_item  # our own handle
+        function.argtypes = [PamHandle, c_int, POINTER(c_void_p)]
+        function.restype = c_int
+        _pam_get_item = function
+    item = c_void_p()
+    code = _pam_get_item(handle, PAM_USER, byref(item))
+    if code != PAM_SUCCESS or not item.value:
+        # Authenticated, but as whom? Never fall back to the name as typed.
+        return tempfail(f"pam_get_item(PAM_USER) {CODE_NAMES.get(code, code)} after success")
+    raw = string_at(item.value)
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return tempfail("PAM_USER after success is not UTF-8")
+    return accept("pam_authenticate and pam_acct_mgmt succeeded", name)
 
 
 def _strerror(handle: PamHandle, code: int) -> str:
@@ -131,7 +171,7 @@ def _conversation(service: str, user: str, user_bytes: bytes, password: bytes) -
         text = (message or b"").decode("utf-8", "replace")
         if shown and shown in text:  # a module echoing its input must not leak it to logs
             text = text.replace(shown, "<redacted>")
-        log.log(level, "PAM %s for %s: %s", service, user, text)
+        log.log(level, "PAM %s for %s: %s", service, printable(user), printable(text))
 
     @conv_func
     def converse(count: int, messages: Any, p_response: Any, _appdata: Any) -> int:

@@ -112,14 +112,18 @@ class Attempt(NamedTuple):
 
 class Decision(NamedTuple):
     verdict: Verdict
-    user: str | None
+    user: str | None  # ACCEPT: the store's canonical name; otherwise the name as given
     attempts: tuple[Attempt, ...]
 
     @property
     def decided_by(self) -> Attempt | None:
-        for attempt in self.attempts:
-            if attempt.outcome.verdict is Verdict.ACCEPT:
-                return attempt
+        """The attempt the verdict rests on: the first accept, for TEMPFAIL the first
+        backend that could not answer (not the last one asked, which may have said no),
+        for REJECT the last backend asked."""
+        if self.verdict is not Verdict.REJECT:
+            for attempt in self.attempts:
+                if attempt.outcome.verdict is self.verdict:
+                    return attempt
         return self.attempts[-1] if self.attempts else None
 
     @property
@@ -128,20 +132,54 @@ class Decision(NamedTuple):
         return decider.outcome.reason if decider else "no backend tried"
 
 
+MAX_USER_BYTES = 256  # longer than any real login; bounds what reaches logs and stores
+# Besides C0, DEL and C1 (NEL among them), these end a line for some log readers.
+_LINE_SEPARATORS = ("\u2028", "\u2029")
+
+
+def malformed_name(name: str) -> str | None:
+    """Why `name` cannot be a user name, or None if it can.
+
+    Refused: control characters (C0, DEL, C1, U+2028/U+2029), leading or trailing
+    whitespace (Unicode's too) and more than MAX_USER_BYTES bytes of UTF-8. A store that
+    ignores them (LDAP's matching rules drop spaces and fold case) would otherwise let
+    "alice " log in as alice while the session and every policy keyed on the name saw
+    someone else.
+    """
+    if not name:
+        return "empty user name"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_USER_BYTES:
+        return f"user name longer than {MAX_USER_BYTES} bytes"
+    # isprintable() is False for every control character: the common case costs one call.
+    if not name.isprintable() and any(
+        ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c in _LINE_SEPARATORS for c in name
+    ):
+        return "control character in user name"
+    if name.strip() != name:
+        return "leading or trailing whitespace in user name"
+    return None
+
+
 def check_at_the_door(user: bytes, password: bytes) -> str | Outcome:
-    """Validate raw credentials once, before any backend runs."""
+    """Validate raw credentials once, before any rate limit, log line or backend."""
     if not user:
         return reject("malformed credentials: empty user name")
+    if len(user) > MAX_USER_BYTES:
+        return reject(f"malformed credentials: user name longer than {MAX_USER_BYTES} bytes")
     if not password:
         return reject("malformed credentials: empty password")
     if b"\0" in password:
         return reject("malformed credentials: NUL in password")
-    if any(c in user for c in (0, 10, 13)):
-        return reject("malformed credentials: control character in user name")
     try:
-        return user.decode("utf-8")
+        name = user.decode("utf-8")
     except UnicodeDecodeError:
         return reject("malformed credentials: user name is not UTF-8")
+    why = malformed_name(name)
+    return reject(f"malformed credentials: {why}") if why else name
+
+
+def refused_at_the_door(outcome: Outcome) -> Decision:
+    return Decision(Verdict.REJECT, None, (Attempt("door", "-", outcome, 0.0),))
 
 
 def cram_md5_digest(secret: Secret, challenge: bytes) -> str:
@@ -169,16 +207,16 @@ class Chain:
     ) -> Decision:
         name = check_at_the_door(user, password)
         if isinstance(name, Outcome):
-            return Decision(Verdict.REJECT, None, (Attempt("door", "-", name, 0.0),))
+            return refused_at_the_door(name)
         secret = Secret(password)
         return await self._ask_each(name, lambda b: b.verify(name, secret, client), try_all=try_all)
 
     async def authenticate_cram_md5(
         self, user: bytes, challenge: bytes, digest: str, client: ClientIdentity
     ) -> Decision:
-        name = check_at_the_door(user, b"-")
+        name = check_at_the_door(user, b"-")  # CRAM-MD5 sends no password
         if isinstance(name, Outcome):
-            return Decision(Verdict.REJECT, None, (Attempt("door", "-", name, 0.0),))
+            return refused_at_the_door(name)
 
         async def by_digest(backend: Authenticator) -> Outcome:
             found = await backend.lookup_plaintext(name, client)  # type: ignore[attr-defined]
@@ -204,6 +242,8 @@ class Chain:
                 if not try_all:
                     break
         if winner is not None:
+            # A store that cannot canonicalise (checkpassword, IMAP, POP3) leaves the name as
+            # given, which the door has already checked.
             return Decision(Verdict.ACCEPT, winner.user or name, tuple(attempts))
         if any(a.outcome.verdict is Verdict.TEMPFAIL for a in attempts):
             return Decision(Verdict.TEMPFAIL, name, tuple(attempts))
@@ -219,4 +259,10 @@ class Chain:
             return tempfail(f"internal error: {type(error).__name__}")
         if not isinstance(outcome, Outcome):
             return tempfail(f"backend returned {type(outcome).__name__}, not an Outcome")
+        if outcome.verdict is Verdict.ACCEPT and outcome.user is not None:
+            # The store's name becomes the session's identity (sender map, LOGIN, logs):
+            # it must meet the rules the client's name had to meet at the door.
+            why = malformed_name(outcome.user) if isinstance(outcome.user, str) else "not text"
+            if why:
+                return tempfail(f"accepted, but its canonical name is unusable: {why}")
         return outcome

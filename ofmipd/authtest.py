@@ -26,6 +26,7 @@ from ofmipd.auth import Chain, Decision, Verdict
 from ofmipd.cli import Parser, add_auth_options, auth_specs
 from ofmipd.config import Config, load_toml, merge, validate
 from ofmipd.errors import ConfigError
+from ofmipd.logs import printable
 from ofmipd.policy import ClientPolicy
 
 EXIT = {Verdict.ACCEPT: 0, Verdict.REJECT: 1, Verdict.TEMPFAIL: 111}
@@ -201,8 +202,10 @@ def overall(decision: Decision, view: ClientView) -> tuple[Verdict, str, str]:
 
 def result_dict(decision: Decision, view: ClientView, total_ms: float) -> dict[str, Any]:
     verdict, why, reply = overall(decision, view)
+    decider = decision.decided_by
     return {
         "user": decision.user,
+        "decided_by": decider.backend if decider else None,
         "client": view.as_dict(),
         "attempts": [
             {
@@ -287,10 +290,13 @@ def checkpassword(chain: Chain, prog: list[str]) -> int:
     decision = asyncio.run(authenticate(chain, user, password, client, try_all=False))
     del password, data, parts
     attempt = decision.decided_by
-    # One line for the consumer's log (Dovecot logs stderr as errors, so not on success).
+    # One line for the consumer's log (Dovecot logs stderr as errors, so not on success);
+    # the name and the reason (which can embed it) come from the client: escaped.
     if attempt is not None and decision.verdict is not Verdict.ACCEPT:
-        print(f"ofmipd-authtest: {decision.user or '-'}: {decision.verdict.value} "
-              f"({attempt.backend}: {attempt.outcome.reason})", file=sys.stderr)  # fmt: skip
+        name = printable(decision.user if decision.user is not None else user) or "-"
+        reason = printable(attempt.outcome.reason)
+        print(f"ofmipd-authtest: {name}: {decision.verdict.value} "
+              f"({attempt.backend}: {reason})", file=sys.stderr)  # fmt: skip
     if decision.verdict is not Verdict.ACCEPT:
         return EXIT[decision.verdict]
     if not prog:

@@ -18,6 +18,7 @@ import time
 from typing import NamedTuple, Protocol
 
 from ofmipd.identity import LAUNCHER_VARIABLES, ClientIdentity, launcher_environment
+from ofmipd.logs import printable
 from ofmipd.proc import environment, run_program
 
 log = logging.getLogger("ofmipd.delivery")
@@ -172,7 +173,7 @@ class Delivery:
                 log.info(
                     "%s: throttle script refused user %s (%s)",
                     submission.queue_id,
-                    submission.user,
+                    printable(submission.user or "-"),
                     result.describe(),
                 )
                 return THROTTLED

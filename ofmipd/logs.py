@@ -1,7 +1,12 @@
-"""Log set-up (stderr or syslog, never stdout) and the redaction that keeps secrets out.
+"""Log set-up (stderr or syslog, never stdout), the escaping that keeps one event on one
+line, and the redaction that keeps secrets out.
 
-aiosmtpd logs every command line it reads, "AUTH PLAIN <payload>" included, so
-its logger is quiet unless --debug, and then a filter blanks AUTH payloads.
+Client-supplied values go through printable() where they are logged; as a last resort the
+handlers escape any formatted message that still is not printable, so a forgotten call
+site cannot write a second, forged line. aiosmtpd logs every command line it reads,
+"AUTH PLAIN <payload>" included, so its logger is quiet unless --debug, and then
+ClientLines shows AUTH lines without their payload and lines that are no command
+(base64 answers to 334 that reached the command loop, junk) by their length only.
 """
 
 from __future__ import annotations
@@ -13,12 +18,21 @@ import re
 import sys
 from typing import Any
 
+# An AUTH-looking start: AUTH, and what a confused or hostile client makes of it (XAUTH,
+# "auth\tplain", "AUTH PLAIN=..."), but not words like "authfile"; then the mechanism.
+_AUTH_KEYWORD = r"(?i)\s*[a-z]{0,2}auth(?![a-z0-9_])"
+_MECHANISM = r"(?i)\s+[a-z0-9_-]{1,20}(?=[\s=]|\Z)"
+
 
 @functools.cache
-def _auth_payload() -> tuple[re.Pattern[bytes], re.Pattern[str]]:
+def _auth_words(kind: type) -> tuple[re.Pattern[Any], re.Pattern[Any]]:
     # Compiled on first use, not at every one-session start.
-    pattern = r"(?is)^(\s*AUTH\s+\S+)\s+\S.*$"
-    return re.compile(pattern.encode()), re.compile(pattern)
+    if kind is bytes:
+        return re.compile(_AUTH_KEYWORD.encode()), re.compile(_MECHANISM.encode())
+    return re.compile(_AUTH_KEYWORD), re.compile(_MECHANISM)
+
+
+MAX_MESSAGE = 8192  # characters of one log message kept by the last-resort escaping
 
 
 def printable(value: object, limit: int = 256) -> str:
@@ -80,14 +94,74 @@ def redact_url(text: str) -> str:
 
 
 def redact(value: Any) -> Any:
-    """AUTH <mechanism> <initial response> -> AUTH <mechanism> <redacted>."""
+    """AUTH <mechanism> <anything> -> AUTH <mechanism> <redacted>, for AUTH-looking
+    text or bytes (see _AUTH_KEYWORD); anything else is returned unchanged."""
     if isinstance(value, str):
-        text = _auth_payload()[1].match(value)  # every record passes here: no encoding first
-        return text.group(1) + " <redacted>" if text else value
-    if isinstance(value, bytes | bytearray):
-        raw = _auth_payload()[0].match(bytes(value))
-        return raw.group(1) + b" <redacted>" if raw else value
-    return value
+        keyword, mechanism = _auth_words(str)  # every record passes here: no encoding first
+        marker: Any = " <redacted>"
+    elif isinstance(value, bytes | bytearray):
+        value = bytes(value)
+        keyword, mechanism = _auth_words(bytes)
+        marker = b" <redacted>"
+    else:
+        return value
+    found = keyword.match(value)
+    if found is None:
+        return value
+    end = found.end()
+    named = mechanism.match(value, end)
+    if named is not None:
+        end = named.end()
+    if not value[end:].strip():  # "AUTH PLAIN" alone carries nothing secret
+        return value
+    return value[:end] + marker
+
+
+# Every verb a client line may start with that is shown in the trace; a line starting
+# with anything else may be a password's base64 that reached the command loop.
+_COMMANDS = frozenset(
+    "EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP STARTTLS PROXY AUTH".split()
+)
+
+
+def client_line(line: Any) -> str:
+    """A command line read from the client, as the trace may show it."""
+    if isinstance(line, bytes | bytearray):
+        text = bytes(line).decode("utf-8", "surrogateescape")
+    else:
+        text = str(line)
+    text = text.rstrip("\r\n")
+    shown = redact(text)
+    words = text.split(None, 1)
+    if shown is not text or (words and words[0].upper() in _COMMANDS):
+        return printable(shown, 512)
+    return f"<{len(text)} characters, not a command: not shown>"
+
+
+class ClientLines(logging.Filter):
+    """For aiosmtpd's "mail.log" logger: what it logs of client lines, made safe.
+
+    aiosmtpd logs each line twice at debug level (readline, then ">>"); the first goes,
+    the second is shown as client_line() says. An unrecognised command is logged at
+    WARNING, so without --debug too: it may be base64 meant for a 334 challenge that
+    ofmipd never sent (AUTH refused, or pipelined after a 5xx), so only its length is.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if not isinstance(message, str) or not isinstance(record.args, tuple):
+            return True
+        args = record.args
+        if message.startswith("_handle_client readline"):
+            return False
+        # Formatted here, so that no later filter takes the shown text for client input.
+        if len(args) == 2 and message == "%r >> %r":
+            record.msg, record.args = f"{args[0]!r} >> {client_line(args[1])}", None
+        elif len(args) == 2 and message in ("%r unrecognised: %s", "%r over limit for %s"):
+            command = str(args[1])
+            shown = command if command in _COMMANDS else f"<{len(command)} characters>"
+            record.msg, record.args = message % (args[0], shown), None
+        return True
 
 
 class RedactingFormatter(logging.Formatter):
@@ -99,11 +173,23 @@ class RedactingFormatter(logging.Formatter):
 
 
 class RedactAuth(logging.Filter):
+    """On every handler: AUTH payloads blanked, and a last-resort net that escapes a
+    formatted message that is not one printable line (a call site that forgot
+    printable() must not let a client write a second, forged log line)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(redact(arg) for arg in record.args)
         elif isinstance(record.msg, str | bytes):
             record.msg = redact(record.msg)
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: logging's own handleError reports it
+            return True
+        if not message.isprintable():  # the fast path: one C loop over the text
+            message = printable(message, MAX_MESSAGE)
+        # Formatted once here, not again by each handler's formatter.
+        record.msg, record.args = message, None
         return True
 
 
@@ -155,8 +241,10 @@ def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
     logging.logMultiprocessing = False
     logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # Python 3.12+
     # aiosmtpd's own logger repeats every command line; only a debug trace wants it.
-    logging.getLogger("mail.log").setLevel(logging.DEBUG if debug else logging.WARNING)
-    logging.getLogger("mail.log").addFilter(RedactAuth())
+    trace = logging.getLogger("mail.log")
+    trace.setLevel(logging.DEBUG if debug else logging.WARNING)
+    if not any(isinstance(f, ClientLines) for f in trace.filters):
+        trace.addFilter(ClientLines())
     while _pending:
         record = _pending.pop(0)
         if record.levelno >= root.level:

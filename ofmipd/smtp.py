@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail, syntax
 
 from ofmipd import mechanisms
-from ofmipd.auth import Chain, Decision, Verdict
+from ofmipd.auth import Chain, Decision, Outcome, Verdict, check_at_the_door, refused_at_the_door
 from ofmipd.data import BareNewline, TooBig, TooLong, read_message
 from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
 from ofmipd.identity import ClientIdentity
+from ofmipd.logs import printable
 from ofmipd.policy import ClientPolicy, decide
 
 if TYPE_CHECKING:
@@ -99,6 +100,16 @@ _REWORDED = {
 }
 
 
+def _reworded(status: str) -> str:
+    # aiosmtpd echoes an unrecognised command, which may be a password's base64 sent for
+    # a 334 challenge that never came: neither the reply nor the trace may show it.
+    if status.startswith('500 Error: command "'):
+        return "500 5.5.2 Error: command not recognized"
+    if status.endswith(" sent too many times") and status[10:-20] not in _smtp_commands():
+        return "421 4.7.0 Command sent too many times"
+    return _REWORDED.get(status, status)
+
+
 def with_enhanced_code(line: str) -> str:
     extra = _DEFAULT_ENHANCED.get(line[:3])  # None for 220, 334, 354: they take no code
     if extra is None or len(line) < 4 or line[3] != " " or _has_enhanced().match(line):
@@ -116,6 +127,10 @@ class Credentials(NamedTuple):
 
     def __repr__(self) -> str:
         return f"Credentials(user={self.user!r}, <redacted>)"
+
+    def at_the_door(self) -> str | Outcome:
+        """The user name if the credentials are well-formed, else the door's REJECT."""
+        return check_at_the_door(self.user, b"-" if self.digest else self.password)
 
     async def check(self, chain: Chain, client: ClientIdentity) -> Decision:
         if self.digest:
@@ -306,7 +321,7 @@ class SubmissionServer(SMTP):
                 "session %s: PROXY header from %s refused: %s",
                 self.session_id,
                 self.client.peer_ip,
-                header.reason,
+                printable(header.reason),
             )
             self._close()
             return False
@@ -342,7 +357,7 @@ class SubmissionServer(SMTP):
             self.client.port,
             self.client.source,
             "yes" if self.tls_active else "no",
-            self.last_user or "-",
+            printable(self.last_user or "-"),
             self.last_backend or "-",
             self.messages,
             self.result,
@@ -359,7 +374,7 @@ class SubmissionServer(SMTP):
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._plain_replies:
-            status = with_enhanced_code(_REWORDED.get(status, status))
+            status = with_enhanced_code(_reworded(status))
         if self.app.config.debug:
             log.debug("session %s << %s", self.session_id, status)
         await super().push(status)
@@ -579,11 +594,17 @@ class SubmissionServer(SMTP):
             return
         if credentials is None:  # the client cancelled, or a reply was already sent
             return
-        name = credentials.user.decode("utf-8", "replace")
-        if limiter is not None and await self._refused(limiter, name):
-            return
-        decision = await credentials.check(self.app.chain, self.client)
-        self._log_decision(mechanism, decision)
+        # The door comes first: a malformed name reaches no rate-limit key, backend or log
+        # line but the one (escaped) that says it was refused.
+        door = credentials.at_the_door()
+        if isinstance(door, Outcome):  # counted against the client address only
+            name, decision = None, refused_at_the_door(door)
+        else:
+            name = door
+            if limiter is not None and await self._refused(limiter, name):
+                return
+            decision = await credentials.check(self.app.chain, self.client)
+        self._log_decision(mechanism, decision, credentials.user)
         self.app.metrics.auth(mechanism, decision)
         if decision.verdict is Verdict.ACCEPT:
             if limiter is not None:
@@ -605,7 +626,7 @@ class SubmissionServer(SMTP):
                     authlog.warning(
                         "lockout started: client=%s user=%s reason=%r session=%s",
                         self.client.ip or "unknown",
-                        name,
+                        printable(name or "-"),
                         lockout.reason,
                         self.session_id,
                     )
@@ -620,7 +641,7 @@ class SubmissionServer(SMTP):
         authlog.warning(
             "auth refused: client=%s user=%s reason=%r session=%s",
             self.client.ip or "unknown",
-            user or "-",
+            printable(user or "-"),
             refusal.reason,
             self.session_id,
         )
@@ -687,18 +708,19 @@ class SubmissionServer(SMTP):
             except asyncio.LimitOverrunError as overrun:
                 await self._reader.read(overrun.consumed)
 
-    def _log_decision(self, mechanism: str, decision: Decision) -> None:
-        # One line per attempt, in a form fail2ban can match: never a password.
+    def _log_decision(self, mechanism: str, decision: Decision, typed: bytes) -> None:
+        # One line per attempt, in a form fail2ban can match: never a password. The name
+        # and the reason (which can embed it) are escaped: one event, one line.
         decider = decision.decided_by
         authlog.log(
             logging.INFO if decision.verdict is Verdict.ACCEPT else logging.WARNING,
-            "auth %s: client=%s user=%s mechanism=%s backend=%s reason=%r ms=%.1f session=%s",
+            "auth %s: client=%s user=%s mechanism=%s backend=%s reason='%s' ms=%.1f session=%s",
             decision.verdict.value,
             self.client.ip or "unknown",
-            decision.user or "-",
+            printable(decision.user if decision.user is not None else typed) or "-",
             mechanism,
             decider.backend if decider else "-",
-            decision.reason,
+            printable(decision.reason),
             sum(a.ms for a in decision.attempts),
             self.session_id,
         )
@@ -743,7 +765,10 @@ class SubmissionHandler:
         senders = self.app.senders
         if senders is not None and session.user and not senders.allows(session.user, address):
             log.warning(
-                "session %s: user %s may not send as <%s>", server.session_id, session.user, address
+                "session %s: user %s may not send as <%s>",
+                server.session_id,
+                printable(session.user),
+                printable(address),
             )
             return f"553 5.7.1 <{address}>: Sender address not owned by user {session.user}"
         envelope.mail_from = address
@@ -797,10 +822,10 @@ class SubmissionHandler:
             "session %s: message %s from=<%s> rcpts=%d size=%d user=%s result=%s",
             server.session_id,
             queue_id,
-            submission.sender,
+            printable(submission.sender),
             len(submission.recipients),
             len(content),
-            session.user or "-",
+            printable(session.user or "-"),
             reply[:3],
         )
         if reply.startswith("250"):

@@ -200,6 +200,22 @@ def test_tempfail_and_reject_give_tempfail_but_a_later_accept_wins(tmp_path, aut
     assert [a[2] for a in attempts(out)] == ["tempfail", "accept"]
 
 
+def test_tempfail_names_the_backend_that_failed_not_the_last_one_asked(authfile) -> None:
+    # LDAP is down, then the authfile says "no such user": the verdict is TEMPFAIL because
+    # of LDAP, and that is what the output must name (the log line too: test_identity.py).
+    from tests.conftest import free_port
+
+    dead = f"ldap://127.0.0.1:{free_port()}/uid=%s,{PEOPLE}"
+    code, out, _ = authtest("--json", "-R", dead, "-a", str(authfile), "mallory")
+    doc = json.loads(out)
+    assert (code, doc["credentials"], doc["decided_by"]) == (111, "tempfail", "ldap")
+    code, out, _ = authtest("-R", dead, "-a", str(authfile), "mallory")
+    assert code == 111
+    assert "temporary failure of ldap;" in result_line(out)
+    code, out, _ = authtest("--json", "-R", dead, "-a", str(authfile), "alice")
+    assert (code, json.loads(out)["decided_by"]) == (0, "authfile")
+
+
 # ---- LDAP and PAM ------------------------------------------------------------------------
 
 
@@ -209,6 +225,10 @@ def test_ldap_accept_reject_and_server_down(slapd) -> None:
     code, out, _ = authtest("-R", url, "alice", password="alice-pw")
     assert code == 0, out
     assert attempts(out) == [("ldap", target, "accept", f"LDAP bind as uid=alice,{PEOPLE}")]
+    # The directory folds case; the result names the entry's uid, not what was typed.
+    code, out, _ = authtest("-R", url, "ALICE", password="alice-pw")
+    assert code == 0, out
+    assert result_line(out).startswith("result: accept for user alice: accepted by ldap")
     code, out, _ = authtest("-R", url, "alice", password="wrong-pw", secrets_=("alice-pw",))
     assert code == 1
     assert attempts(out) == [("ldap", target, "reject", "LDAP invalidCredentials")]

@@ -84,6 +84,30 @@ def test_checkpassword_exit_codes(config, tempfail_config) -> None:
     assert b"checkpassword exit 111" in result.stderr
 
 
+def test_checkpassword_tempfail_line_names_the_backend_that_failed(tmp_path, config) -> None:
+    # LDAP is down, then the authfile has no such user: TEMPFAIL, because of LDAP.
+    users = write(tmp_path / "users", f"alice:{PASSWORD}\n")
+    chain = write(
+        tmp_path / "chain.toml",
+        f'[[auth]]\nkind = "ldap"\nuri = "ldap://127.0.0.1:{free_port()}"\n'
+        'dn_template = "uid=%s,dc=example,dc=org"\nnetwork_timeout = 2\n'
+        f'[[auth]]\nkind = "authfile"\npath = "{users}"\n',
+        0o644,
+    )
+    result = checkpassword("--config", str(chain), "--checkpassword", data=b"mallory\0pw\0\0")
+    assert result.returncode == 111
+    assert b"ofmipd-authtest: mallory: tempfail (ldap: LDAP " in result.stderr, result.stderr
+
+
+def test_checkpassword_line_escapes_the_client_name(config) -> None:
+    # Under Dovecot or qmail this stderr line lands in the mail log: one line, always.
+    forged = b"x\xc2\x85auth reject: client=203.0.113.9 user=y"  # NEL, a C1 control
+    result = checkpassword("--config", str(config), "--checkpassword", data=forged + b"\0pw\0\0")
+    assert result.returncode == 1
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("ofmipd-authtest: x\\x85auth reject: ") and line.isprintable(), line
+
+
 def test_checkpassword_execs_prog_with_user_set(tmp_path, config) -> None:
     seen = tmp_path / "seen"
     prog = write(tmp_path / "prog", f'#!/bin/sh\necho "$USER $1" > {seen}\nexit 7\n', 0o755)

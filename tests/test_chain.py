@@ -111,6 +111,66 @@ def test_malformed_credentials_never_reach_a_backend(client, user, password):
     assert backend.calls == 0
 
 
+@pytest.mark.parametrize(
+    ("user", "why"),
+    [
+        ("alice ", "leading or trailing whitespace"),
+        ("\talice", "control character"),
+        ("alice\u00a0", "leading or trailing whitespace"),  # NBSP
+        ("\u3000alice", "leading or trailing whitespace"),  # ideographic space
+        ("ali\x85ce", "control character"),  # NEL
+        ("ali\x9bce", "control character"),  # C1 CSI
+        ("ali\x7fce", "control character"),  # DEL
+        ("ali\x1bce", "control character"),  # ESC
+        ("ali\u2028ce", "control character"),
+        ("ali\u2029ce", "control character"),
+        ("a" * 257, "longer than 256 bytes"),
+        ("\u00e9" * 129, "longer than 256 bytes"),  # 129 characters, 258 bytes
+    ],
+)
+def test_door_refuses_names_a_store_might_fold_or_a_log_might_split(client, user, why):
+    backend = Fixed("a", accept())
+    decision = run(Chain([backend]).authenticate(user.encode(), b"p", client))
+    assert (decision.verdict, decision.user, backend.calls) == (Verdict.REJECT, None, 0)
+    assert decision.reason.startswith("malformed credentials: ") and why in decision.reason
+    assert decision.decided_by.backend == "door"
+    cram = run(
+        Chain([Plain("a", {user: b"p"})]).authenticate_cram_md5(user.encode(), b"c", "", client)
+    )
+    assert cram.verdict is Verdict.REJECT and why in cram.reason
+
+
+def test_door_draws_its_lines_exactly(client):
+    def verdict(user: str) -> Verdict:
+        return run(Chain([Fixed("a", accept())]).authenticate(user.encode(), b"p", client)).verdict
+
+    # Inner spaces, apostrophes and full-width letters are names; the store decides.
+    for fine in ("Anne Marie", "o'brien", "\uff41\uff4c\uff49\uff43\uff45", "a" * 256):
+        assert verdict(fine) is Verdict.ACCEPT, fine
+    assert verdict("\u00e9" * 128) is Verdict.ACCEPT  # 256 bytes
+    assert verdict("\u00e9" * 128 + "a") is Verdict.REJECT  # 257 bytes
+    assert verdict("a" * 257) is Verdict.REJECT
+
+
+@pytest.mark.parametrize("canonical", ["alice\n", " alice", "a" * 300, ""])
+def test_unusable_canonical_name_from_a_backend_is_a_tempfail(client, canonical):
+    # The store's name becomes the session's identity; it must pass the door's rules too.
+    decision = run(Chain([Fixed("a", accept("ok", canonical))]).authenticate(b"u", b"p", client))
+    assert decision.verdict is Verdict.TEMPFAIL
+    assert "canonical name is unusable" in decision.reason
+
+
+def test_tempfail_is_decided_by_the_backend_that_failed_not_the_last_asked(client):
+    chain = Chain([Fixed("ldap", tempfail("LDAP serverDown")), Fixed("authfile", reject("no"))])
+    decision = run(chain.authenticate(b"u", b"p", client))
+    assert decision.verdict is Verdict.TEMPFAIL
+    assert (decision.decided_by.backend, decision.reason) == ("ldap", "LDAP serverDown")
+    rejected = run(
+        Chain([Fixed("a", reject("x")), Fixed("b", reject("y"))]).authenticate(b"u", b"p", client)
+    )
+    assert (rejected.decided_by.backend, rejected.reason) == ("b", "y")
+
+
 def test_cram_md5_needs_every_backend_to_look_up_plaintext():
     assert Chain([Plain("a", {})]).supports_cram_md5
     assert not Chain([Plain("a", {}), Fixed("b", accept())]).supports_cram_md5

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import shutil
+import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from conftest import ROOT
 
 from ofmipd import logs
 from ofmipd.ratelimit import LoginLimiter
+from tests.ofmipd_server import start_daemon
 
 CONF = ROOT / "conf" / "fail2ban"
 AUTH_LINE = "auth %s: client=%s user=%s mechanism=%s backend=%s reason=%r ms=%.1f session=%s"
@@ -166,3 +170,74 @@ def test_jail_loads_with_the_filter(f2b_conf: Path, tmp_path: Path) -> None:
     assert "^reject: client=<ADDR> user=" in dump
     assert "['set', 'ofmipd', 'addjournalmatch', '_SYSTEMD_UNIT=ofmipd.service']" in dump
     assert "['start', 'ofmipd']" in dump
+
+
+# What a client puts after a line break to fake a whole line of ofmipd's stderr log.
+SEPARATORS = ("\n", "\r", "\r\n", "\x85", "\u2028")
+
+
+def forged(separator: str) -> str:
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        f"x{separator}{now},000 ofmipd[4242]: WARNING auth reject: client=203.0.113.9 user=x"
+        " mechanism=PLAIN backend=authfile reason='x' ms=1.0 session=f0rge"
+    )
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def replies(s: smtplib.SMTP, raw: bytes) -> list[int]:
+    """Send raw bytes; read one reply per line sent."""
+    s.send(raw)
+    return [s.getreply()[0] for _ in range(raw.count(b"\n"))]
+
+
+def test_client_cannot_forge_a_fail2ban_line(f2b_conf: Path, tmp_path: Path, capture) -> None:
+    users = tmp_path / "users"
+    users.write_text("alice:alice-pw\n")
+    users.chmod(0o600)
+    senders = tmp_path / "senders"
+    senders.write_text("alice alice@example.org\n")
+    daemon = start_daemon(tmp_path, users, capture, "-d", "--ratelimit", "memory",
+                          "--sender-map", str(senders))  # fmt: skip
+    try:
+        # EHLO, then (as alice, before any failure locks 127.0.0.1 out) MAIL FROM and RCPT TO.
+        for separator in SEPARATORS:
+            fake = forged(separator)
+            quoted = f'"{fake}"@example.org'.encode()
+            with smtplib.SMTP(daemon.host, daemon.port, timeout=20) as s:
+                assert replies(s, b"EHLO " + fake.encode() + b"\r\n")
+                s.ehlo("client.test")
+                code, _ = s.docmd("AUTH", f"PLAIN {b64(chr(0) + 'alice' + chr(0) + 'alice-pw')}")
+                assert code == 235
+                replies(s, b"MAIL FROM:<" + quoted + b">\r\n")
+                s.rset()
+                replies(s, b"MAIL FROM:<alice@example.org>\r\n")
+                replies(s, b"RCPT TO:<" + quoted + b">\r\n")
+        # User names, by PLAIN and by LOGIN.
+        for separator in SEPARATORS:
+            fake = forged(separator)
+            with smtplib.SMTP(daemon.host, daemon.port, timeout=20) as s:
+                s.ehlo("client.test")
+                code, _ = s.docmd("AUTH", f"PLAIN {b64(chr(0) + fake + chr(0) + 'pw')}")
+                assert code in (535, 454)
+                assert s.docmd("AUTH", "LOGIN")[0] == 334
+                assert replies(s, f"{b64(fake)}\r\n".encode()) == [334]
+                assert replies(s, f"{b64('pw')}\r\n".encode())[0] in (535, 454)
+        with smtplib.SMTP(daemon.host, daemon.port, timeout=20) as s:
+            s.ehlo("client.test")  # a real failure, now refused: the address is locked out
+            assert s.docmd("AUTH", f"PLAIN {b64(chr(0) + 'alice' + chr(0) + 'wrong')}")[0] == 454
+        time.sleep(0.3)
+    finally:
+        daemon.stop()
+    banned = fail2ban_regex(daemon.log_path, f2b_conf)
+
+    assert banned and set(banned) == {"127.0.0.1"}
+    raw = daemon.log_path.read_bytes().decode("utf-8")
+    assert "Traceback" not in raw
+    lines = raw.split("\n")
+    for line in lines:
+        assert line.isprintable(), line  # no CR, NEL, U+2028 or other control in a line
+    assert sum("auth reject: client=127.0.0.1 " in line for line in lines) >= 2 * len(SEPARATORS)

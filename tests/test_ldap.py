@@ -375,6 +375,116 @@ def test_search_fails_over_between_two_slapds(
         shutil.rmtree(tmp_path / "second", ignore_errors=True)
 
 
+# ---- the canonical name ----
+
+# Each binds as alice through slapd's matching rules (case and compatibility folding).
+ALICE_VARIANTS = ("alice", "ALICE", "\uff41\uff4c\uff49\uff43\uff45", "AL\u0130CE")
+
+
+@pytest.mark.parametrize("typed", ALICE_VARIANTS)
+def test_accept_names_the_entrys_uid_not_the_typed_name(
+    make: Callable[..., LdapAuth], slapd_module: Slapd, client: ClientIdentity, typed: str
+) -> None:
+    template = make(f"{slapd_module.uri}/{TEMPLATE}", **FAST)
+    searching = searcher(make, slapd_module)
+    for backend in (template, searching):
+        outcome = verify(backend, typed, "alice-pw", client)
+        assert (outcome.verdict, outcome.user) == (Verdict.ACCEPT, "alice"), outcome
+        assert outcome.reason == f"LDAP bind as uid=alice,{PEOPLE}"
+
+
+def test_search_by_mail_names_the_uid_the_filter_tests_first(
+    make: Callable[..., LdapAuth], slapd_module: Slapd, client: ClientIdentity
+) -> None:
+    backend = searcher(make, slapd_module)  # (|(uid=%s)(mail=%s)): uid names the user
+    assert backend.settings.user_attribute == "uid"
+    outcome = verify(backend, "BOB@example.org", "bob-pw", client)
+    assert (outcome.verdict, outcome.user) == (Verdict.ACCEPT, "bob")
+    by_mail = searcher(make, slapd_module, filter="(mail=%s)")
+    assert by_mail.settings.user_attribute == "mail"
+    assert verify(by_mail, "BOB@example.org", "bob-pw", client).user == "bob@example.org"
+    chosen = searcher(make, slapd_module, filter="(mail=%s)", user_attribute="uid")
+    assert verify(chosen, "bob@example.org", "bob-pw", client).user == "bob"
+
+
+@pytest.mark.parametrize(
+    ("options", "attribute"),
+    [
+        ({"dn_template": f"uid=%s,{PEOPLE}"}, "uid"),
+        ({"dn_template": f"cn=%s+sn=x,{PEOPLE}"}, "cn"),
+        ({"dn_template": f"uid=%s,{PEOPLE}", "user_attribute": "mail"}, "mail"),
+        ({"base": PEOPLE}, "uid"),
+        ({"base": PEOPLE, "filter": "(&(objectClass=person)(mail=%s))"}, "mail"),
+        ({"base": PEOPLE, "filter": "(|(cn~=%s)(uid=%s))"}, "cn"),
+        ({"base": PEOPLE, "filter": "(sAMAccountName:caseExactMatch:=%s)"}, "sAMAccountName"),
+    ],
+)
+def test_user_attribute_default_and_override(
+    make: Callable[..., LdapAuth], options: dict[str, str], attribute: str
+) -> None:
+    assert make(uri="ldap://h", **options).settings.user_attribute == attribute
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"base": PEOPLE, "filter": "(&(objectClass=person)%s)"},
+        {"base": PEOPLE, "user_attribute": "uid,x"},
+        {"base": PEOPLE, "user_attribute": ""},
+    ],
+)
+def test_user_attribute_that_cannot_name_a_user_stops_start_up(
+    make: Callable[..., LdapAuth], options: dict[str, str]
+) -> None:
+    with pytest.raises(
+        ConfigError, match="set user_attribute|not an attribute name|user_attribute must be"
+    ):
+        make(uri="ldap://h", **options)
+
+
+def test_entry_without_the_name_attribute_tempfails_never_the_typed_name(
+    make: Callable[..., LdapAuth], slapd_module: Slapd, client: ClientIdentity
+) -> None:
+    template = make(f"{slapd_module.uri}/{TEMPLATE}", user_attribute="employeeNumber", **FAST)
+    searching = searcher(make, slapd_module, user_attribute="employeeNumber")
+    for backend in (template, searching):
+        outcome = verify(backend, "alice", "alice-pw", client)
+        assert (outcome.verdict, outcome.user) == (Verdict.TEMPFAIL, None), outcome
+        assert "no single employeeNumber value" in outcome.reason
+        # A wrong password is still a wrong password.
+        assert verify(backend, "alice", "wrong", client).verdict is Verdict.REJECT
+
+
+def user_binds(server: Slapd) -> int:
+    """Simple binds slapd has logged, other than the service account's."""
+    service = f'BIND dn="{server.service_dn}"'.lower()
+    return sum(
+        'BIND dn="' in line and "method=128" in line and service not in line.lower()
+        for line in server.log_text().splitlines()
+    )
+
+
+def test_search_then_bind_spends_a_bind_on_unknown_users(
+    make: Callable[..., LdapAuth], slapd: Slapd, client: ClientIdentity
+) -> None:
+    # A known user with a wrong password costs a search and a bind; a user the search does
+    # not find (or finds twice) must cost the same, or timing tells who exists.
+    backend = searcher(make, slapd)
+    verify(backend, "alice", "alice-pw", client)  # the service connection is pooled now
+    before = user_binds(slapd)
+    assert verify(backend, "alice", "wrong", client).verdict is Verdict.REJECT
+    assert user_binds(slapd) - before == 1
+    for unknown in ("nobody", "shared@example.org"):
+        before = user_binds(slapd)
+        outcome = verify(backend, unknown, "wrong", client)
+        assert outcome.verdict is Verdict.REJECT
+        assert outcome.reason.startswith("LDAP search"), outcome.reason
+        assert user_binds(slapd) - before == 1, unknown
+    # The dummy DN lies under base and is nobody: even the right password of an entry
+    # cannot make it succeed.
+    assert verify(backend, "nobody", "alice-pw", client).verdict is Verdict.REJECT
+
+
 # ---- TLS ----
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 
 import pytest
 
-from ofmipd.logs import RedactAuth, printable, redact, redact_url
+from ofmipd.logs import RedactAuth, client_line, printable, redact, redact_url, setup
 
 PAYLOAD = "AGdpbmEAc2VjcmV0"
 
@@ -107,3 +109,92 @@ def test_printable_escapes_are_unambiguous():
 )
 def test_redact_url_hides_passwords_in_urls(text, shown):
     assert redact_url(text) == shown
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        (f"AUTH PLAIN={PAYLOAD}", "AUTH PLAIN <redacted>"),
+        (f"XAUTH PLAIN {PAYLOAD}", "XAUTH PLAIN <redacted>"),
+        (f"auth\tplain {PAYLOAD}", "auth\tplain <redacted>"),
+        (f"   auth plain {PAYLOAD}", "   auth plain <redacted>"),
+        (f"AUTH={PAYLOAD}", "AUTH <redacted>"),
+        (f"Auth Login {PAYLOAD}\r\n", "Auth Login <redacted>"),
+        # words that merely contain "auth" are not AUTH commands
+        ("authfile /etc/ofmipd/users has mode 0644", "authfile /etc/ofmipd/users has mode 0644"),
+        ("author of x", "author of x"),
+    ],
+)
+def test_redact_blanks_every_auth_looking_payload_and_nothing_else(line, shown):
+    assert redact(line) == shown
+    assert redact(line.encode()) == shown.encode()
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        (b"EHLO client.test\r\n", "EHLO client.test"),
+        (b"AUTH LOGIN\r\n", "AUTH LOGIN"),
+        (f"AUTH PLAIN {PAYLOAD}\r\n".encode(), "AUTH PLAIN <redacted>"),
+        (f"{PAYLOAD}\r\n".encode(), "<16 characters, not a command: not shown>"),
+        (b"GET / HTTP/1.1\r\n", "<14 characters, not a command: not shown>"),
+        (b"MAIL FROM:<a\rb@example.org>\r\n", "MAIL FROM:<a\\x0db@example.org>"),
+    ],
+)
+def test_client_line_shows_commands_and_hides_what_may_be_a_password(line, shown):
+    assert client_line(line) == shown
+
+
+def logged_lines(log) -> list[str]:
+    """What ofmipd's real stderr set-up writes for the calls `log` makes."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, sys.stderr)
+    buffer = io.StringIO()
+    sys.stderr = buffer
+    try:
+        setup(debug=True, syslog=False)
+        log()
+    finally:
+        sys.stderr = saved[2]
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    return buffer.getvalue().splitlines()
+
+
+def test_a_call_site_that_forgot_printable_still_writes_one_line():
+    forged = "x\nauth reject: client=203.0.113.9 user=y\r\x85\u2028z"
+
+    def log() -> None:
+        logging.getLogger("ofmipd.test").warning("user %s", forged)
+        logging.getLogger("ofmipd.test").info("100%% plain, %s", "args too")
+        try:
+            raise ValueError("boom")
+        except ValueError:  # a traceback is legitimately several lines
+            logging.getLogger("ofmipd.test").error("failed", exc_info=True)
+
+    lines = logged_lines(log)
+    assert lines[0].isprintable()
+    assert lines[0].endswith("user x\\x0aauth reject: client=203.0.113.9 user=y\\x0d\\x85\\u2028z")
+    assert lines[1].endswith("INFO 100% plain, args too")
+    assert lines[2].endswith("ERROR failed") and lines[3] == "Traceback (most recent call last):"
+
+
+def test_aiosmtpd_trace_shows_no_unrecognised_command_text():
+    def log() -> None:
+        trace = logging.getLogger("mail.log")
+        peer = ("192.0.2.1", 1234)
+        trace.debug("_handle_client readline: %r", f"{PAYLOAD}\r\n".encode())
+        trace.info("%r >> %r", peer, f"{PAYLOAD}".encode())
+        trace.warning("%r unrecognised: %s", peer, PAYLOAD.upper())
+        trace.warning("%r over limit for %s", peer, "NOOP")
+
+    lines = logged_lines(log)
+    assert not any(PAYLOAD in line or PAYLOAD.upper() in line for line in lines), lines
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "INFO ('192.0.2.1', 1234) >> <16 characters, not a command: not shown>",
+        "WARNING ('192.0.2.1', 1234) unrecognised: <16 characters>",
+        "WARNING ('192.0.2.1', 1234) over limit for NOOP",
+    ]

@@ -354,6 +354,64 @@ def test_chain_maps_pam_verdicts(make_user, make_service, client) -> None:
     assert good.user == user
 
 
+# A PAM module that lower-cases PAM_USER, as modules that fold case or map aliases do.
+LOWERCASE_MODULE = r"""
+#include <ctype.h>
+#include <stdlib.h>
+#include <string.h>
+#include <security/pam_modules.h>
+
+PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, const char **argv) {
+    const void *item = NULL;
+    if (pam_get_item(pamh, PAM_USER, &item) != PAM_SUCCESS || item == NULL)
+        return PAM_AUTH_ERR;
+    char *lower = strdup((const char *)item);
+    if (lower == NULL)
+        return PAM_BUF_ERR;
+    for (char *c = lower; *c; c++)
+        *c = (char)tolower((unsigned char)*c);
+    int code = pam_set_item(pamh, PAM_USER, lower);
+    free(lower);
+    return code;
+}
+
+PAM_EXTERN int pam_sm_setcred(pam_handle_t *pamh, int flags, int argc, const char **argv) {
+    return PAM_IGNORE;
+}
+"""
+
+
+@pytest.fixture
+def lowercase_module(tmp_path: Path) -> Path:
+    source = tmp_path / "pam_lowercase.c"
+    source.write_text(LOWERCASE_MODULE)
+    module = tmp_path / "pam_lowercase.so"
+    run("gcc", "-shared", "-fPIC", "-Wall", "-o", str(module), str(source), "-lpam")
+    return module
+
+
+def test_accept_names_the_user_pam_authenticated_not_the_typed_one(
+    make_user, make_service, lowercase_module, client
+) -> None:
+    user, password = make_user()
+    service = make_service(
+        f"auth required {lowercase_module}\n"
+        "auth required pam_unix.so nodelay\n"
+        "account required pam_unix.so\n"
+    )
+    typed = user.upper()
+    outcome = asyncio.run(verify(backend(service), typed, password, client))
+    assert outcome.verdict is Verdict.ACCEPT, outcome
+    assert outcome.user == user
+    decision = asyncio.run(
+        Chain([backend(service)]).authenticate(typed.encode(), password.encode(), client)
+    )
+    assert (decision.verdict, decision.user) == (Verdict.ACCEPT, user)
+    # Without the module the typed name is no user: the module really did the mapping.
+    plain = asyncio.run(verify(backend(make_service(PLAIN_UNIX)), typed, password, client))
+    assert plain.verdict is Verdict.REJECT
+
+
 def test_median_latency_of_a_good_login(make_user, make_service, client) -> None:
     user, password = make_user()
     auth = backend(make_service(SHIPPED.read_text()))

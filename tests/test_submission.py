@@ -243,6 +243,62 @@ def test_password_never_in_log_even_in_debug(tmp_path, authfile, capture):
         assert secret not in log
 
 
+def session(daemon, lines: list[str]) -> None:
+    """One session of raw command lines, each reply read before the next line is sent."""
+    with socket.create_connection((daemon.host, daemon.port), timeout=20) as sock:
+        stream = sock.makefile("rwb")
+        stream.readline()  # banner
+        for line in [*lines, "QUIT"]:
+            stream.write(line.encode() + b"\r\n")
+            stream.flush()
+            while True:  # through the last line of the reply
+                reply = stream.readline()
+                assert reply, f"connection closed after {line!r}"
+                if reply[3:4] != b"-":
+                    break
+
+
+def test_debug_trace_shows_no_auth_payload_even_in_malformed_or_stray_lines(
+    tmp_path, authfile, capture
+):
+    secrets = [f"Secret-{n}-Pass" for n in range(9)]
+    secrets[6] = PASSWORD  # this one logs in
+    payloads = [base64.b64encode(f"\0alice\0{secret}".encode()).decode() for secret in secrets]
+    daemon = start(tmp_path, "-d", "-a", str(authfile), "--sendmail", CAPTURE,
+                   env=server_env(CAPTURE_DIR=str(capture)))  # fmt: skip
+    try:
+        # Two sessions: aiosmtpd closes one after five unrecognised commands.
+        session(daemon, [
+            # AUTH LOGIN refused before EHLO: a client that does not wait for 334 sends
+            # its user and password lines anyway, and they reach the command loop.
+            "AUTH LOGIN", payloads[0], payloads[1],
+            "EHLO client.test",
+            f"AUTH PLAIN={payloads[2]}",
+            f"XAUTH PLAIN {payloads[3]}",
+            f"auth\tplain {payloads[4]}",
+        ])  # fmt: skip
+        session(daemon, [
+            "EHLO client.test",
+            f"   auth plain {payloads[5]}",
+            f"auth plain {payloads[6]}",  # lowercase, well-formed: accepted
+            "RSET",
+            payloads[7],  # a stray base64 line after the exchange
+            f"MAIL FROM:<a@example.org> AUTH={payloads[8]}",  # not an AUTH command
+        ])  # fmt: skip
+        time.sleep(0.3)
+        log = daemon.log_text()
+    finally:
+        daemon.stop()
+    assert "auth accept: client=127.0.0.1 user=alice" in log
+    assert "EHLO client.test" in log  # the trace is really there
+    for n, (secret, payload) in enumerate(zip(secrets[:8], payloads[:8], strict=True)):
+        for shown in (payload, payload.upper(), secret, secret.upper()):
+            assert shown not in log, (n, shown)
+    assert ">> auth\\x09plain <redacted>" in log and ">> XAUTH PLAIN <redacted>" in log
+    for line in log.splitlines():
+        assert line.isprintable(), line
+
+
 def test_maildir_delivery(tmp_path, authfile):
     maildir = tmp_path / "Maildir"
     daemon = start(tmp_path, "-a", str(authfile), "--maildir", str(maildir))
