@@ -396,7 +396,7 @@ def scaling_sections(side: dict[str, Any]) -> list[str]:
         w = side["workers"]
         out += [f"## `--workers N` on one host (Maildir, no TLS, C={w['concurrency']})", ""]
         out += [
-            f"One ofmipd daemon (authfile, `-C 200`, no rate limiter, the default) with 1 or "
+            f"One ofmipd daemon (authfile, `-C 200`, the default SQLite rate limiter) with 1 or "
             f"2 pre-forked workers sharing the listening socket; {w['sessions']} sessions per "
             f"run, the two interleaved. The load generator is one Python process on the same "
             f"{cpus}-CPU machine; the CPU columns say how the cores were shared (1.00 = a "
@@ -411,7 +411,7 @@ def scaling_sections(side: dict[str, Any]) -> list[str]:
         out += [
             "Each node is an ofmipd daemon (authfile, `-C 200`, one worker) with "
             "`--ratelimit redis://127.0.0.1:PORT/0` on one shared redis-server (no "
-            "persistence; the last row has no rate limiter at all, to show what Redis costs). "
+            "persistence; the last row has `--ratelimit off`, to show what Redis costs). "
             "Behind haproxy (TCP mode, `balance leastconn`, `send-proxy-v2`, "
             "no health checks) the nodes run with `--proxy-protocol 127.0.0.1`. Nodes, "
             f"haproxy, redis and the load generator all share the {cpus} CPUs, so this shows "

@@ -135,7 +135,7 @@ def start_setup(
     """One of SETUPS; the Running's port is where clients connect, its stop stops it all.
     Its CPU includes the shared redis-server's: only one set-up is measured at a time."""
     nodes, proxied, redis = SETUPS[setup]
-    shared = ["--ratelimit", f"redis://127.0.0.1:{redis_port}/0"] if redis else []
+    shared = ["--ratelimit", f"redis://127.0.0.1:{redis_port}/0" if redis else "off"]
     if proxied:
         shared += ["--proxy-protocol", "127.0.0.1"]
     slug = setup.replace(",", "").replace(" ", "-")

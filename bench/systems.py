@@ -100,6 +100,11 @@ class Workspace:
     def maildir(self, name: str) -> Path:
         return self.root / "maildirs" / name
 
+    def state_args(self, name: str) -> list[str]:
+        """Guessing limits are on by default: each system counts in a store of its own
+        (the SQLite default), never in /var/lib/ofmipd."""
+        return ["--state-dir", str(self.root / "state" / name)]
+
     def delivery_args(self, delivery: str, name: str) -> list[str]:
         if delivery == "maildir":
             return ["--maildir", str(self.maildir(name))]
@@ -169,7 +174,7 @@ def ofmipd_args(
     return [
         PYTHON, "-m", "ofmipd", "-p", f"127.0.0.1:{port}", "-C", CONNECTIONS,
         "--hostname", "ofmipd.bench", "--config", str(ws.config), *auth,
-        *ws.delivery_args(delivery, name), *tls, *extra,
+        *ws.delivery_args(delivery, name), *tls, *ws.state_args(name), *extra,
     ]  # fmt: skip
 
 
@@ -179,7 +184,7 @@ def ofmipd_one_args(ws: Workspace, delivery: str, name: str, auth: list[str]) ->
     tls = ["--tls", "optional", "--ssl-cert", str(ws.cert), "--ssl-key", str(ws.key)]
     return [
         PYTHON, "-m", "ofmipd", "--hostname", "ofmipd.bench", *auth,
-        *ws.delivery_args(delivery, name), *tls, "-1",
+        *ws.delivery_args(delivery, name), *tls, *ws.state_args(name), "-1",
     ]  # fmt: skip
 
 

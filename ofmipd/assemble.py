@@ -159,6 +159,8 @@ class App:
         )
         if self.limiter is not None:
             lines.append(f"login rate limit: {self.limiter.describe()}")
+        else:
+            lines.append("login rate limit: off (--ratelimit off)")
         if config.throttle_script:
             lines.append(f"throttle script: {config.throttle_script}")
         # Backends build their targets without passwords; this is the net for the rest
@@ -207,12 +209,21 @@ def build_rules(config: Config) -> Any | None:
 
 
 def build_limiter(config: Config) -> Any | None:
-    if not config.ratelimit or config.ratelimit == "off":
+    """Guessing limits, on unless --ratelimit off (the SQLite store by default)."""
+    if config.ratelimit is not None and config.ratelimit.strip().lower() in ("off", "none"):
         return None
     from ofmipd.ratelimit import parse_ratelimit
 
     options = {"fail_open": config.ratelimit_fail_open, **dict(config.ratelimit_options)}
-    return parse_ratelimit(config.ratelimit, options)
+    # A reservation must outlive the slowest chain, or more guesses would run at once.
+    hold = config.auth_timeout * max(1, len(config.auth)) + 10
+    return parse_ratelimit(
+        config.ratelimit,
+        options,
+        state_dir=config.state_dir,
+        username=config.username,
+        hold=hold,
+    )
 
 
 def build_app(config: Config, previous: App | None = None) -> App:
@@ -240,10 +251,11 @@ def build_app(config: Config, previous: App | None = None) -> App:
         from ofmipd.rdns import ReverseNames
 
         app.reverse_names = (previous and previous.reverse_names) or ReverseNames()
-    same_limits = previous is not None and (
-        previous.config.ratelimit,
-        previous.config.ratelimit_options,
-    ) == (config.ratelimit, config.ratelimit_options)
+
+    def limits(c: Config) -> tuple[Any, ...]:
+        return (c.ratelimit, c.ratelimit_options, c.ratelimit_fail_open, c.state_dir)
+
+    same_limits = previous is not None and limits(previous.config) == limits(config)
     if previous is not None and same_limits:
         app.limiter = previous.limiter
     else:

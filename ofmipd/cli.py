@@ -300,14 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--ratelimit",
-        metavar="memory|redis://HOST:PORT/DB|off",
-        help="lock out repeated AUTH failures per client and per user",
+        metavar="sqlite|memory|redis://HOST:PORT/DB|off",
+        help="where failed logins are counted, per client and per user (default sqlite, "
+        "in --state-dir; memory: one daemon only); off turns guessing limits off",
     )
     limits.add_argument(
         "--ratelimit-fail-closed",
         action="store_true",
         default=None,
-        help="refuse logins when the Redis rate-limit store is down",
+        help="refuse logins while the rate-limit store cannot be used (default: fall "
+        "back to a limit in process memory)",
+    )
+    limits.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="directory for the sqlite rate-limit store, made 0700 for the -u user "
+        "(default $STATE_DIRECTORY, else /var/lib/ofmipd)",
     )
     limits.add_argument(
         "--bare-newline",

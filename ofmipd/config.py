@@ -57,9 +57,10 @@ class Config(NamedTuple):
     max_commands: int = 1000  # per command name and session
     max_per_ip: int = 50  # simultaneous sessions from one address (Postfix's default)
     sender_map: str | None = None
-    ratelimit: str | None = None  # "memory" (default when set), "redis://...", or "off"
+    ratelimit: str | None = None  # None: "sqlite" (in state_dir); "memory", "redis://...", "off"
     ratelimit_fail_open: bool = True
     ratelimit_options: tuple[tuple[str, Any], ...] = ()  # TOML [ratelimit] settings
+    state_dir: str | None = None  # None: $STATE_DIRECTORY, else /var/lib/ofmipd
     metrics: str | None = None  # HOST:PORT of a Prometheus endpoint
     reverse_dns: bool = True
     bare_newline: str = "normalize"  # a bare LF or CR in DATA: "normalize" or "reject"
@@ -161,6 +162,7 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         "max_per_ip": int,
         "sender_map": str,
         "ratelimit_fail_open": bool,
+        "state_dir": str,
         "metrics": str,
         "reverse_dns": bool,
         "tls_in_front": bool,
@@ -175,7 +177,9 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         values["ratelimit"] = ratelimit
     elif isinstance(ratelimit, dict):  # [ratelimit] store = "redis://..." max_failures = 5 ...
         options = dict(ratelimit)
-        values["ratelimit"] = str(options.pop("store", "memory"))
+        store = options.pop("store", None)
+        if store is not None:
+            values["ratelimit"] = str(store)
         values["ratelimit_options"] = tuple(sorted(options.items()))
     rule_tables = _take(data, "rule", list, source)
     if rule_tables:
@@ -272,13 +276,15 @@ def validate(config: Config) -> Config:
         from ofmipd.metrics import parse_address
 
         parse_address(config.metrics)  # --check-config and a reload see a bad address too
-    if config.one_session and config.ratelimit == "memory":
-        raise ConfigError(
-            "--ratelimit memory forgets everything when a one-session process "
-            "ends; use --ratelimit redis://HOST:PORT/DB"
-        )
     if config.bare_newline not in ("normalize", "reject"):
         raise ConfigError(f"bare_newline {config.bare_newline!r}: must be normalize or reject")
+    if config.ratelimit == "memory" and (config.one_session or config.workers > 1):
+        raise ConfigError(
+            "--ratelimit memory is one process's memory: "
+            + ("a one-session process forgets it when it ends" if config.one_session
+               else "each worker would count apart")
+            + "; leave the default (sqlite in the state directory) or use redis://HOST:PORT/DB"
+        )  # fmt: skip
     if config.size_limit < 1024:
         raise ConfigError(f"size_limit {config.size_limit}: too small")
     return config

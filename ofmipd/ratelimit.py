@@ -1,255 +1,90 @@
-"""Password-guessing resistance: lock out a client IP or a user name after repeated AUTH failures.
+"""Password-guessing resistance: the login-limit policy around each AUTH.
 
-After `max_failures` rejected logins within `window` seconds, a key (the client's IP, or
-the user name) is locked for a back-off that doubles with each lockout, from
-`base_backoff` up to `max_backoff`. While locked, AUTH is refused before any backend
-runs, so a locked-out guesser costs no PAM, LDAP or bcrypt work. The number of lockouts
-is remembered for `max_backoff` seconds after the last one ends, so a slow guesser keeps
-climbing the ladder.
+On by default. Before any backend runs, an AUTH reserves one guess against its client
+address (IPv6: the /64) and against its user name; after the verdict it settles:
 
-Counters live in a store: in memory (one process, bounded, the default) or in Redis, so
-that several ofmipd nodes behind one balancer share what they have seen. If Redis cannot
-be reached, the limiter fails open (logins proceed unlimited) or closed (AUTH refused)
-as configured, and says which in the log at most once a minute.
+* reject: the guess is counted. After `max_failures` in `window` seconds a key is
+  locked for `base_backoff` seconds, doubling with each lock-out up to `max_backoff`
+  (the level is remembered for max_backoff after a lock ends, so a slow guesser keeps
+  climbing). While locked, AUTH is refused before any backend runs.
+* reject by one backend while another failed temporarily (454 to the client): counted
+  at a quarter, so 4 x max_failures of these lock (section 9 of issue 12). A backend
+  that is down, or that an attacker slows on purpose, must not switch the limit off;
+  the larger budget spares a user whose password lives on the backend that is down.
+* temporary failure only: released, not counted (an outage is not an attack).
+* accept: released; the user name's failures are forgotten (not the address's: one
+  valid account must not reset the counter of an address guessing at others), and
+  the address is remembered as known-good for that user for KNOWN_GOOD_DAYS.
+
+Holds count like failures, so N AUTHs at once from one address reach the backends at
+most max_failures times; the others wait a little for room, then get 454. A known-good
+address is exempt from its user's lock (an attacker cannot lock a user out of the
+places they log in from), never from its own address limit.
+
+The counters live in a store (ofmipd/store.py): SQLite in the state directory (the
+default; shared by every process on the host, `ofmipd -1` included), memory (one
+daemon) or Redis (several hosts). If the store cannot be used, the limiter fails open
+(to a limit in this process's memory) or closed (AUTH refused), as configured, and
+says which in one log line at most once a minute.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
-import ipaddress
+import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ofmipd.errors import ConfigError
+from ofmipd.store import Blocked, Grant, Ladder, Limit, MemoryStore, Store, StoreDown
+
+if TYPE_CHECKING:
+    from ofmipd.auth import Decision
 
 log = logging.getLogger("ofmipd.ratelimit")
 
+UNIT = 4  # what a rejected guess costs; one next to a temporary failure costs 1
+KNOWN_GOOD_DAYS = 30
+KNOWN_GOOD_SECONDS = KNOWN_GOOD_DAYS * 86400.0
 
-@dataclass(frozen=True)
-class Policy:
+
+class Policy(NamedTuple):
     max_failures: int = 5
     window: float = 600.0
     base_backoff: float = 60.0
     max_backoff: float = 3600.0
 
-    def backoff(self, level: int) -> float:
-        """Seconds locked after the level-th lockout (1, 2, ...): base, 2*base, ... max."""
-        return min(self.base_backoff * 2.0 ** min(level - 1, 60), self.max_backoff)
-
-    @property
-    def memory(self) -> float:
-        """How long the lockout level outlives the lockout that raised it."""
-        return self.max_backoff
+    def limit(self, key: str) -> Limit:
+        ladder = Ladder(self.base_backoff, self.max_backoff, memory=self.max_backoff)
+        return Limit(key, self.max_failures * UNIT, self.window, ladder)
 
 
-@dataclass(frozen=True)
-class Refusal:
+class Refusal(NamedTuple):
     """Why an AUTH is refused without asking any backend."""
 
     reason: str  # for the admin's log line; fail2ban matches "too many failures from "
     retry_after: int  # seconds
-    key: str  # "ip", "user" or "store" (the limiter's store is down and fails closed)
+    key: str  # "ip", "user", "busy" (only AUTHs in flight fill the budget), "store"
 
 
-class StoreDown(Exception):
-    """The store could not answer (Redis unreachable or too slow)."""
+class Ticket(NamedTuple):
+    """A reserved guess, to be settled with the chain's decision."""
+
+    store: Store
+    grant: Grant
+    ip: str | None
+    user: str | None
+    known: str | None = None  # the known-good record of this address and name: its time
 
 
-class Store(Protocol):
-    name: str
-
-    async def locked(self, keys: Sequence[str]) -> list[float]:
-        """Seconds each key stays locked (0 if not locked)."""
-        ...
-
-    async def fail(self, key: str, policy: Policy) -> float:
-        """Count one failure; the seconds of a lockout it started, else 0."""
-        ...
-
-    async def clear(self, key: str) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass
-class _Entry:
-    failures: int = 0
-    window_end: float = 0.0  # a fixed window opens with the first failure, as in Redis
-    level: int = 0
-    level_end: float = 0.0
-    locked_until: float = 0.0
-
-    def dead(self, now: float) -> bool:
-        return now >= self.window_end and now >= self.level_end and now >= self.locked_until
-
-
-class MemoryStore:
-    """Counters in this process: bounded to max_entries keys, least recently used go first."""
-
-    name = "memory"
-
-    def __init__(
-        self, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if max_entries < 1:
-            raise ConfigError("ratelimit: max_entries must be at least 1")
-        self.max_entries = max_entries
-        self.clock = clock
-        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _get(self, key: str, now: float) -> _Entry | None:
-        entry = self._entries.get(key)
-        if entry is not None and entry.dead(now):
-            del self._entries[key]
-            return None
-        return entry
-
-    async def locked(self, keys: Sequence[str]) -> list[float]:
-        now = self.clock()
-        result = []
-        for key in keys:
-            entry = self._get(key, now)
-            result.append(max(0.0, entry.locked_until - now) if entry else 0.0)
-        return result
-
-    async def fail(self, key: str, policy: Policy) -> float:
-        now = self.clock()
-        entry = self._get(key, now)
-        if entry is None:
-            self._trim(now, room=1)
-            entry = self._entries[key] = _Entry()
-        self._entries.move_to_end(key)
-        if now >= entry.window_end:
-            entry.failures, entry.window_end = 0, now + policy.window
-        if now >= entry.level_end:
-            entry.level = 0
-        entry.failures += 1
-        if entry.failures < policy.max_failures:
-            return 0.0
-        entry.failures, entry.window_end = 0, 0.0
-        entry.level += 1
-        backoff = policy.backoff(entry.level)
-        entry.locked_until = now + backoff
-        entry.level_end = entry.locked_until + policy.memory
-        return backoff
-
-    def _trim(self, now: float, room: int) -> None:
-        # Expired keys at the cold end go first; then the least recently failed, so a
-        # flood of addresses costs bounded memory (and can only evict, never lock out).
-        while self._entries:
-            key, oldest = next(iter(self._entries.items()))
-            if not oldest.dead(now) and len(self._entries) + room <= self.max_entries:
-                return
-            del self._entries[key]
-
-    async def clear(self, key: str) -> None:
-        self._entries.pop(key, None)
-
-    async def close(self) -> None:
-        self._entries.clear()
-
-
-# One round trip, atomic: count the failure in a window that opens with the first one;
-# at the threshold, raise the level and set the lock. Times in milliseconds (PX).
-_FAIL_SCRIPT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if n < tonumber(ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
-local level = redis.call('INCR', KEYS[2])
-if level > 60 then level = 60 end
-local backoff = math.floor(math.min(tonumber(ARGV[3]) * 2 ^ (level - 1), tonumber(ARGV[4])))
-if backoff < 1 then backoff = 1 end
-redis.call('SET', KEYS[3], '1', 'PX', backoff)
-redis.call('PEXPIRE', KEYS[2], backoff + tonumber(ARGV[5]))
-return backoff
-"""
-
-
-class RedisStore:
-    """Counters in Redis, shared by every ofmipd node that names the same server."""
-
-    name = "redis"
-
-    def __init__(self, url: str, timeout: float = 0.5, key_prefix: str = "ofmipd:rl:") -> None:
-        try:
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-            from redis.exceptions import RedisError
-        except ImportError as error:
-            raise ConfigError(
-                "ratelimit: a redis:// store needs the redis package (pip install redis)"
-            ) from error
-        self.url = url
-        self.timeout = timeout
-        self.key_prefix = key_prefix
-        self._errors: tuple[type[BaseException], ...] = (RedisError, TimeoutError, OSError)
-        from ofmipd.logs import redact_url
-        from ofmipd.urls import split_url
-
-        split_url(url, "ratelimit: Redis URL")  # brackets and port, the password hidden
-        try:
-            # No retries: a login must not wait for Redis to come back; fail open/closed.
-            self._redis = aioredis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
-        except ValueError as error:
-            raise ConfigError(f"ratelimit: bad Redis URL {redact_url(url)!r}: {error}") from None
-        self._fail = self._redis.register_script(_FAIL_SCRIPT)
-
-    def _keys(self, key: str) -> list[str]:
-        # The {hash tag} keeps one key's three entries in one Redis Cluster slot.
-        base = f"{self.key_prefix}{{{key}}}"
-        return [base + ":f", base + ":l", base + ":x"]
-
-    async def _run(self, work: Any) -> Any:
-        try:
-            return await asyncio.wait_for(work, self.timeout * 2)
-        except self._errors as error:
-            raise StoreDown(f"{type(error).__name__}: {error}".rstrip(": ")) from error
-
-    async def locked(self, keys: Sequence[str]) -> list[float]:
-        async def ask() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.pttl(self._keys(key)[2])
-                return list(await pipe.execute())
-
-        return [max(0, int(ms)) / 1000.0 for ms in await self._run(ask())]
-
-    async def fail(self, key: str, policy: Policy) -> float:
-        args = [
-            policy.max_failures,
-            max(1, int(policy.window * 1000)),
-            int(policy.base_backoff * 1000),
-            int(policy.max_backoff * 1000),
-            int(policy.memory * 1000),
-        ]
-        ms = await self._run(self._fail(keys=self._keys(key), args=args))
-        return int(ms) / 1000.0
-
-    async def clear(self, key: str) -> None:
-        await self._run(self._redis.delete(*self._keys(key)))
-
-    async def close(self) -> None:
-        await self._redis.aclose()
-
-
+@functools.lru_cache(maxsize=4096)
 def ip_key(ip: str) -> str:
     """The key of a client address: IPv6 by /64, since one attacker holds a whole /64."""
+    import ipaddress
+
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -261,15 +96,48 @@ def ip_key(ip: str) -> str:
     return f"ip:{address}"
 
 
+def fold_user(user: str) -> str:
+    """A user name as one counter sees it: NFKC and case-folded (ALICE, alice and
+    full-width ａｌｉｃｅ are one), combining marks dropped after NFKD (ALİCE folds to
+    "i" + U+0307, which joins alice; so does josé jose) and runs of white space as one
+    space. Sharing a counter between look-alike names only makes locking stricter."""
+    import unicodedata
+
+    folded = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", user).casefold())
+    bare = "".join(char for char in folded if not unicodedata.combining(char))
+    return " ".join(unicodedata.normalize("NFKC", bare).split())
+
+
+@functools.lru_cache(maxsize=4096)
 def user_key(user: str) -> str:
-    """The key of a user name: case-folded (backends often ignore case) and hashed, so any
-    bytes are a safe key and Redis does not hold a list of user names."""
-    digest = hashlib.sha256(user.casefold().encode("utf-8", "surrogateescape")).hexdigest()
+    """The key of a user name: folded, then hashed, so any bytes make a safe key and the
+    store does not hold a list of user names."""
+    import hashlib
+
+    digest = hashlib.sha256(fold_user(user).encode("utf-8", "surrogateescape")).hexdigest()
     return "user:" + digest[:32]
 
 
+def known_key(user: str, ip: str) -> str:
+    """The record saying that this address logged in as this user."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{user_key(user)} {ip_key(ip)}".encode()).hexdigest()
+    return "good:" + digest[:32]
+
+
+def partial_reject(decision: Decision) -> bool:
+    """A TEMPFAIL in which some backend rejected the password: a guess all the same."""
+    from ofmipd.auth import Verdict
+
+    return decision.verdict is Verdict.TEMPFAIL and any(
+        a.outcome.verdict is Verdict.REJECT for a in decision.attempts
+    )
+
+
 class LoginLimiter:
-    """The facade the SMTP layer calls around each AUTH."""
+    """The facade the SMTP layer calls around each AUTH: begin() before the chain,
+    settle() after it (or abandon() if the session ends in between)."""
 
     def __init__(
         self,
@@ -280,6 +148,8 @@ class LoginLimiter:
         max_backoff: float = 3600.0,
         fail_open: bool = True,
         failure_delay: float = 1.0,
+        hold: float = 60.0,
+        wait: float = 5.0,
         log_interval: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -295,65 +165,71 @@ class LoginLimiter:
         self.policy = Policy(max_failures, window, base_backoff, max_backoff)
         self.fail_open = fail_open
         self.delay = failure_delay
+        self.hold = hold  # longest a reservation lives: the chain's worst case, and more
+        self.wait = wait  # longest an AUTH waits for room while others are in flight
         self.log_interval = log_interval
         self.clock = clock
+        self._fallback: MemoryStore | None = None
         self._down_since: float | None = None
         self._last_down_log = -math.inf
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     def describe(self) -> str:
-        target = getattr(self.store, "url", self.store.name)
+        policy = self.policy
         return (
-            f"{target}: {self.policy.max_failures} failures in {self.policy.window:g}s lock for "
-            f"{self.policy.base_backoff:g}s doubling to {self.policy.max_backoff:g}s, "
-            f"fail {'open' if self.fail_open else 'closed'}"
+            f"{self.store.describe()}: {policy.max_failures} failures in {policy.window:g}s"
+            f" ({policy.max_failures * UNIT} next to a backend's temporary failure) per address"
+            f" or user name, lock for {policy.base_backoff:g}s doubling to "
+            f"{policy.max_backoff:g}s, {self.delay:g}s delay per failure, fail "
+            + ("open (to a limit in process memory)" if self.fail_open else "closed")
         )
 
-    async def check(self, ip: str | None, user: str | None) -> Refusal | None:
-        """A Refusal if the IP or the user name is locked out; None means ask the backends.
-        Call with user=None before the user name is known (e.g. at the AUTH command)."""
-        keys = self._keys(ip, user)
-        if not keys:
-            return None
+    # ---- around one AUTH --------------------------------------------------------------
+
+    async def begin(self, ip: str | None, user: str | None) -> Ticket | Refusal:
+        """Reserve one guess for this address and user name, or say why not."""
         try:
-            remaining = await self.store.locked([key for _, key in keys])
+            result = await self._begin(self.store, ip, user)
         except StoreDown as error:
             self._store_down(error)
-            if self.fail_open:
-                return None
-            return Refusal("rate limiter store unavailable, failing closed", 60, "store")
+            if not self.fail_open:
+                return Refusal("rate limiter store unavailable, failing closed", 60, "store")
+            return await self._begin(self._memory(), ip, user)
         self._store_up()
-        for (kind, _), seconds in zip(keys, remaining, strict=True):
-            if seconds > 0:
-                return self._refusal(kind, ip, seconds)
-        return None
+        return result
 
-    async def failed(self, ip: str | None, user: str | None) -> Refusal | None:
-        """Count a REJECT (never a TEMPFAIL: an outage is not an attack). Returns the
-        lockout this failure started, if any, for the log."""
-        started: Refusal | None = None
-        for kind, key in self._keys(ip, user):
+    async def settle(self, ticket: Ticket, decision: Decision) -> Refusal | None:
+        """Count (or release) the reserved guess. Returns the lock-out it started, if any."""
+        charge, keys = self._charge(ticket, decision)
+        try:
+            started = await self._settle(ticket.store, ticket, decision, charge, keys)
+        except StoreDown as error:
+            self._store_down(error)
+            if not self.fail_open:
+                return None
+            started = await self._settle(self._memory(), ticket, decision, charge, keys)
+        else:
+            if ticket.store is self.store:
+                self._store_up()
+        lockout: Refusal | None = None
+        for limit, seconds in zip(ticket.grant.limits, started, strict=True):
+            if seconds > 0 and (lockout is None or seconds > lockout.retry_after):
+                kind = "ip" if limit.key.startswith("ip:") else "user"
+                lockout = self._refusal(kind, ticket.ip, seconds)
+        return lockout
+
+    def abandon(self, ticket: Ticket) -> None:
+        """The session ended before a verdict: give the reservation back, in the background."""
+
+        async def release() -> None:
             try:
-                seconds = await self.store.fail(key, self.policy)
-            except StoreDown as error:
-                self._store_down(error)
-                return None
-            self._store_up()
-            if seconds > 0 and (started is None or seconds > started.retry_after):
-                started = self._refusal(kind, ip, seconds)
-        return started
+                await ticket.store.settle(ticket.grant, 0)
+            except StoreDown:
+                pass  # the hold expires by itself
 
-    async def succeeded(self, ip: str | None, user: str | None) -> None:
-        """Forget the user name's failures, not the IP's: the owner of the password has
-        shown up, but one valid account must not let its holder reset the counter of the
-        address it is guessing other accounts from."""
-        if not user:
-            return
-        try:
-            await self.store.clear(user_key(user))
-        except StoreDown as error:
-            self._store_down(error)
-            return
-        self._store_up()
+        task = asyncio.get_running_loop().create_task(release())
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
 
     async def failure_delay(self) -> None:
         """Slow each rejected or refused attempt down (the session waits, not the loop)."""
@@ -363,14 +239,77 @@ class LoginLimiter:
     async def close(self) -> None:
         await self.store.close()
 
-    @staticmethod
-    def _keys(ip: str | None, user: str | None) -> list[tuple[str, str]]:
-        keys = []
+    # ---- helpers -------------------------------------------------------------------------
+
+    async def _begin(self, store: Store, ip: str | None, user: str | None) -> Ticket | Refusal:
+        limits = []
         if ip:
-            keys.append(("ip", ip_key(ip)))
-        if user:
-            keys.append(("user", user_key(user)))
-        return keys
+            limits.append(self.policy.limit(ip_key(ip)))
+        known = await store.get(known_key(user, ip)) if user and ip else None
+        if user and known is None:
+            limits.append(self.policy.limit(user_key(user)))
+        waited, pause = 0.0, 0.05
+        while True:
+            result = await store.reserve(limits, UNIT, self.hold)
+            if isinstance(result, Grant):
+                return Ticket(store, result, ip, user, known)
+            kind = "ip" if result.key.startswith("ip:") else "user"
+            if result.locked:
+                return self._refusal(kind, ip, result.seconds)
+            if waited + pause > self.wait:
+                return self._busy(kind, ip, result)
+            await asyncio.sleep(pause)  # others from here are in flight: wait for room
+            waited, pause = waited + pause, min(pause * 2, 0.5)
+
+    def _charge(self, ticket: Ticket, decision: Decision) -> tuple[int, list[str] | None]:
+        from ofmipd.auth import Verdict
+
+        if decision.verdict is Verdict.REJECT:
+            attempts = decision.attempts
+            if attempts and attempts[0].backend == "door":  # malformed: no user to blame
+                return UNIT, [lim.key for lim in ticket.grant.limits if lim.key.startswith("ip:")]
+            return UNIT, None
+        if partial_reject(decision):
+            return 1, None
+        return 0, None
+
+    async def _settle(
+        self,
+        store: Store,
+        ticket: Ticket,
+        decision: Decision,
+        charge: int,
+        keys: list[str] | None,
+    ) -> list[float]:
+        from ofmipd.auth import Verdict
+
+        started = await store.settle(ticket.grant, charge, keys)
+        if decision.verdict is not Verdict.ACCEPT or not ticket.user:
+            return started
+        typed = user_key(ticket.user)
+        canonical = user_key(decision.user) if decision.user else typed
+        if ticket.known is None:
+            # The owner has shown up (from a new place): forget the name's failures. Not
+            # after a login from a known address, which is exempt from them: that would
+            # give whoever is guessing from elsewhere a fresh budget with each of hers.
+            reserved = [limit.key for limit in ticket.grant.limits]
+            counted = dict(zip(reserved, ticket.grant.used, strict=False))  # unknown: forgive
+            await store.forgive([key for key in {typed, canonical} if counted.get(key, 1) > 0])
+        if ticket.ip:
+            # Remember the address under the name typed and the canonical one (a login by
+            # alias counts); refreshed at most daily, so most logins write nothing here.
+            now = int(time.time())
+            names = [ticket.user] if ticket.known is None or _stale(ticket.known, now) else []
+            if canonical != typed:
+                names.append(decision.user or "")
+            for name in names:
+                await store.put(known_key(name, ticket.ip), str(now), KNOWN_GOOD_SECONDS)
+        return started
+
+    def _memory(self) -> MemoryStore:
+        if self._fallback is None:
+            self._fallback = MemoryStore()
+        return self._fallback
 
     @staticmethod
     def _refusal(kind: str, ip: str | None, seconds: float) -> Refusal:
@@ -381,17 +320,26 @@ class LoginLimiter:
             return Refusal(f"too many failures from {ip}, retry in {retry}s", retry, "ip")
         return Refusal(f"too many failures for this user name, retry in {retry}s", retry, "user")
 
+    @staticmethod
+    def _busy(kind: str, ip: str | None, blocked: Blocked) -> Refusal:
+        # Not a failure, and not worded as one: fail2ban must not ban a busy NAT.
+        where = f"address {ip}" if kind == "ip" else "user name"
+        retry = max(1, math.ceil(blocked.seconds))
+        return Refusal(f"too many logins in progress for this {where}", retry, "busy")
+
     def _store_down(self, error: StoreDown) -> None:
         now = self.clock()
         if self._down_since is None:
             self._down_since = now
         if now - self._last_down_log >= self.log_interval:
+            from ofmipd.logs import printable
+
             self._last_down_log = now
             log.error(
                 "ratelimit: %s store unavailable (%s); failing %s",
                 self.store.name,
-                error,
-                "open: logins are not rate-limited"
+                printable(error, limit=512),
+                "open: logins are limited in this process's memory only"
                 if self.fail_open
                 else "closed: AUTH is refused",
             )
@@ -407,24 +355,38 @@ class LoginLimiter:
             self._last_down_log = -math.inf
 
 
+def _stale(recorded: str, now: int) -> bool:
+    try:
+        return now - int(recorded) > 86400
+    except ValueError:
+        return True
+
+
 _NUMBERS = ("max_failures", "window", "base_backoff", "max_backoff", "failure_delay")
+DEFAULT_STORE = "sqlite"
 
 
 def parse_ratelimit(
-    spec: str | None, options: Mapping[str, Any] | None = None
+    spec: str | None,
+    options: Mapping[str, Any] | None = None,
+    *,
+    state_dir: str | None = None,
+    username: str | None = None,
+    hold: float = 60.0,
 ) -> LoginLimiter | None:
     """--ratelimit SPEC / TOML [ratelimit] store = SPEC plus options -> a LoginLimiter.
 
-    SPEC is "memory", "redis://host:port/db" (also rediss://, unix://) or "off".
+    SPEC is "sqlite" (the default: a file in the state directory), "memory",
+    "redis://host:port/db" (also rediss://, unix://) or "off".
     Options: max_failures, window, base_backoff, max_backoff, failure_delay (seconds),
     fail_open (bool), max_entries (memory), timeout and key_prefix (redis).
     """
     options = dict(options or {})
     spec = options.pop("store", None) if spec is None else spec
     options.pop("store", None)
-    if spec is None or spec.strip().lower() in ("", "off", "none"):
+    spec = (spec or DEFAULT_STORE).strip()
+    if spec.lower() in ("off", "none"):
         return None
-    spec = spec.strip()
     known = set(_NUMBERS) | {"fail_open", "max_entries", "timeout", "key_prefix"}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -437,23 +399,37 @@ def parse_ratelimit(
         if not isinstance(options["fail_open"], bool):
             raise ConfigError("ratelimit: fail_open must be true or false")
         limits["fail_open"] = options["fail_open"]
+    kind = spec.lower()
+    redis = kind.startswith(("redis://", "rediss://", "unix://"))
+    if not redis and ("timeout" in options or "key_prefix" in options):
+        raise ConfigError("ratelimit: timeout and key_prefix apply to redis:// stores only")
+    if kind != "memory" and "max_entries" in options:
+        raise ConfigError("ratelimit: max_entries applies to the memory store only")
     store: Store
-    if spec.lower() == "memory":
-        if "timeout" in options or "key_prefix" in options:
-            raise ConfigError("ratelimit: timeout and key_prefix apply to redis:// stores only")
+    if kind == "memory":
         max_entries = _number("max_entries", options.get("max_entries", 100_000), integer=True)
         store = MemoryStore(max_entries=int(max_entries))
-    elif spec.lower().startswith(("redis://", "rediss://", "unix://")):
-        if "max_entries" in options:
-            raise ConfigError("ratelimit: max_entries applies to the memory store only")
+    elif kind == "sqlite":
+        from ofmipd import statedir
+        from ofmipd.store_sqlite import SQLiteStore
+
+        store = SQLiteStore(statedir.resolve(state_dir), username)
+    elif redis:
+        from ofmipd.store_redis import RedisStore
+
         timeout = _number("timeout", options.get("timeout", 0.5))
         prefix = options.get("key_prefix", "ofmipd:rl:")
         if not isinstance(prefix, str):
             raise ConfigError("ratelimit: key_prefix must be a string")
         store = RedisStore(spec, timeout=timeout, key_prefix=prefix)
     else:
-        raise ConfigError(f"ratelimit: unknown store {spec!r} (use memory or redis://HOST:PORT/DB)")
-    return LoginLimiter(store, **limits)
+        from ofmipd.logs import redact_url
+
+        raise ConfigError(
+            f"ratelimit: unknown store {redact_url(spec)!r} "
+            "(use sqlite, memory, redis://HOST:PORT/DB or off)"
+        )
+    return LoginLimiter(store, hold=hold, **limits)
 
 
 def _number(name: str, value: Any, integer: bool = False) -> float:

@@ -29,6 +29,7 @@ from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_he
 from ofmipd.identity import ClientIdentity
 from ofmipd.logs import printable
 from ofmipd.policy import ClientPolicy, decide
+from ofmipd.ratelimit import Refusal, partial_reject
 
 if TYPE_CHECKING:
     from ofmipd.assemble import App
@@ -47,6 +48,7 @@ REPLY_AUTH_TEMP = "454 4.7.0 Temporary authentication failure"
 REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_NEED_AUTH = "530 5.7.0 Authentication required"
 REPLY_TOO_MANY = "454 4.7.0 Too many authentication failures, try again later"
+REPLY_BUSY = "454 4.7.0 Too many authentications in progress, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 
 # RFC 2034 asks for an enhanced code on every 2xx/4xx/5xx reply after EHLO; these
@@ -586,7 +588,7 @@ class SubmissionServer(SMTP):
             await self.push("504 5.5.4 Unrecognized authentication mechanism")
             return
         initial = words[1].encode("ascii", "replace") if len(words) == 2 else None
-        limiter = self.app.limiter  # asked once the user name is known: one round trip
+        limiter = self.app.limiter  # a guess is reserved once the user name is known
         try:
             credentials = await self._read_credentials(mechanism, initial)
         except mechanisms.MalformedResponse as error:
@@ -594,21 +596,30 @@ class SubmissionServer(SMTP):
             return
         if credentials is None:  # the client cancelled, or a reply was already sent
             return
-        # The door comes first: a malformed name reaches no rate-limit key, backend or log
-        # line but the one (escaped) that says it was refused.
+        # The door comes first: a malformed name reaches no per-user key, backend or log
+        # line but the one (escaped) that says it was refused; it counts against the address.
         door = credentials.at_the_door()
-        if isinstance(door, Outcome):  # counted against the client address only
-            name, decision = None, refused_at_the_door(door)
-        else:
-            name = door
-            if limiter is not None and await self._refused(limiter, name):
+        name = None if isinstance(door, Outcome) else door
+        ticket = None
+        if limiter is not None:  # reserve a guess before any backend runs
+            ticket = await limiter.begin(self.client.ip, name)
+            if isinstance(ticket, Refusal):
+                await self._refused(limiter, ticket, name)
                 return
-            decision = await credentials.check(self.app.chain, self.client)
+        if isinstance(door, Outcome):
+            decision = refused_at_the_door(door)
+        else:
+            try:
+                decision = await credentials.check(self.app.chain, self.client)
+            except BaseException:
+                if limiter is not None and ticket is not None:
+                    limiter.abandon(ticket)  # the session ended mid-chain: give the guess back
+                raise
         self._log_decision(mechanism, decision, credentials.user)
         self.app.metrics.auth(mechanism, decision)
+        if ticket is not None:
+            await self._settle(limiter, ticket, decision, name)
         if decision.verdict is Verdict.ACCEPT:
-            if limiter is not None:
-                await limiter.succeeded(self.client.ip, name)
             session.authenticated = True
             session.user = decision.user
             session.decision = decision
@@ -619,25 +630,27 @@ class SubmissionServer(SMTP):
         elif decision.verdict is Verdict.TEMPFAIL:
             await self.push(REPLY_AUTH_TEMP)
         else:
-            if limiter is not None:
-                lockout = await limiter.failed(self.client.ip, name)
-                if lockout is not None:
-                    self.app.metrics.ratelimit_lockout(lockout.key)
-                    authlog.warning(
-                        "lockout started: client=%s user=%s reason=%r session=%s",
-                        self.client.ip or "unknown",
-                        printable(name or "-"),
-                        lockout.reason,
-                        self.session_id,
-                    )
-                await limiter.failure_delay()
             await self.push(REPLY_AUTH_BAD)
 
-    async def _refused(self, limiter: Any, user: str | None) -> bool:
+    async def _settle(
+        self, limiter: Any, ticket: Any, decision: Decision, name: str | None
+    ) -> None:
+        """Count the guess (or give it back); a counted one waits out the failure delay."""
+        lockout = await limiter.settle(ticket, decision)
+        if lockout is not None:
+            self.app.metrics.ratelimit_lockout(lockout.key)
+            authlog.warning(
+                "lockout started: client=%s user=%s reason=%r session=%s",
+                self.client.ip or "unknown",
+                printable(name or "-"),
+                lockout.reason,
+                self.session_id,
+            )
+        if decision.verdict is Verdict.REJECT or partial_reject(decision):
+            await limiter.failure_delay()
+
+    async def _refused(self, limiter: Any, refusal: Refusal, user: str | None) -> None:
         """Password-guessing lock-out: refuse without asking any backend."""
-        refusal = await limiter.check(self.client.ip, user)
-        if refusal is None:
-            return False
         authlog.warning(
             "auth refused: client=%s user=%s reason=%r session=%s",
             self.client.ip or "unknown",
@@ -647,8 +660,7 @@ class SubmissionServer(SMTP):
         )
         self.app.metrics.ratelimit_refused(refusal.key)
         await limiter.failure_delay()
-        await self.push(REPLY_TOO_MANY)
-        return True
+        await self.push(REPLY_BUSY if refusal.key == "busy" else REPLY_TOO_MANY)
 
     async def _read_credentials(self, mechanism: str, initial: bytes | None) -> Credentials | None:
         if mechanism == "PLAIN":
@@ -712,15 +724,25 @@ class SubmissionServer(SMTP):
         # One line per attempt, in a form fail2ban can match: never a password. The name
         # and the reason (which can embed it) are escaped: one event, one line.
         decider = decision.decided_by
+        verdict, reason = decision.verdict.value, decision.reason
+        if partial_reject(decision):
+            # 454 to the client, but a backend said no: a guess, logged as the reject it
+            # is so that fail2ban counts it (an outage must not hide guessing).
+            decider = next(a for a in decision.attempts if a.outcome.verdict is Verdict.REJECT)
+            down = next(a for a in decision.attempts if a.outcome.verdict is Verdict.TEMPFAIL)
+            verdict = "reject"
+            reason = f"{decider.outcome.reason}; {down.backend} failed temporarily: " + (
+                f"{down.outcome.reason}; answered 454"
+            )
         authlog.log(
             logging.INFO if decision.verdict is Verdict.ACCEPT else logging.WARNING,
             "auth %s: client=%s user=%s mechanism=%s backend=%s reason='%s' ms=%.1f session=%s",
-            decision.verdict.value,
+            verdict,
             self.client.ip or "unknown",
             printable(decision.user if decision.user is not None else typed) or "-",
             mechanism,
             decider.backend if decider else "-",
-            printable(decision.reason),
+            printable(reason),
             sum(a.ms for a in decision.attempts),
             self.session_id,
         )

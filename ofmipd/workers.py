@@ -5,9 +5,9 @@ new connection to whichever worker accepts it first, so a multi-core host is
 used fully. The parent only supervises: it forwards SIGTERM and SIGHUP, and
 replaces a worker that dies unexpectedly.
 
-State that must be shared between workers lives outside them: use
-`--ratelimit redis://...` so lock-outs count across workers (the memory store is
-per worker). -C and --max-per-ip apply per worker. Each worker reloads its own
+State that must be shared between workers lives outside them: the guessing
+limits' default SQLite store in the state directory (or Redis), which each worker
+opens for itself after the fork. -C and --max-per-ip apply per worker. Each worker reloads its own
 configuration on SIGHUP, so all of them switch to the new one.
 """
 

@@ -36,6 +36,13 @@ def client() -> ClientIdentity:
     )
 
 
+@pytest.fixture(autouse=True)
+def private_state_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: Any) -> None:
+    """Guessing limits are on by default, in $STATE_DIRECTORY: each test gets its own, so
+    an App built in the test process never shares lock-outs (or /var/lib/ofmipd)."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def capture(tmp_path: Path) -> Path:
     """The directory tests/progs/capture-sendmail stores accepted messages in."""

@@ -64,8 +64,12 @@ class Workspace:
         self.root = root
         self.capture = root / "capture"
         self.capture.mkdir()
+        # The state directory where systemd's StateDirectory= would put it (the launcher
+        # may clean the environment, so the default is built in; a test may set it).
+        self.state = root / "state"
         self.ofmipd = self._script(
             "ofmipd",
+            f': "${{STATE_DIRECTORY:={shlex.quote(str(self.state))}}}"; export STATE_DIRECTORY\n'
             f'PYTHONPATH={shlex.quote(str(ROOT))} exec {shlex.quote(_python())} -m ofmipd "$@"',
         )
         # The launcher may clean the environment: the capture directory is built in.
@@ -105,6 +109,10 @@ class Workspace:
         }
 
     def start(self, argv: Sequence[str], name: str, **kwargs: object) -> Launched:
+        # The launcher's ofmipd keeps its state in self.state unless the test (or the
+        # unit it plays) names another, not in the test process's own.
+        env = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+        kwargs.setdefault("env", env)
         launched = Launched(argv, self.root / f"{name}.log", **kwargs)
         self.processes.append(launched)
         return launched

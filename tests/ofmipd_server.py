@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,9 +22,20 @@ def ofmipd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ofmipd", *args]
 
 
+def private_state_dir() -> str:
+    """A fresh state directory (removed at exit): guessing limits are on by default, and
+    ofmipds sharing one would share lock-outs between unrelated tests."""
+    path = tempfile.mkdtemp(prefix="ofmipd-state-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def server_env(**extra: str) -> dict[str, str]:
+    """The environment of an ofmipd under test: this checkout's code and a private state
+    directory (pass STATE_DIRECTORY to share one between processes)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
+    env["STATE_DIRECTORY"] = private_state_dir()
     env.update(extra)
     return env
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +46,24 @@ def activate_args(socket_unit: str, service_unit: str, listen: dict[str, str]) -
     return args
 
 
+def state_directory(service_unit: str, root: Path) -> list[str]:
+    """systemd-socket-activate flags for what StateDirectory= makes systemd do: create
+    /var/lib/NAME (here under `root`) and name it in $STATE_DIRECTORY."""
+    (name,) = unit_values((CONF / "systemd" / service_unit).read_text(), "StateDirectory")
+    path = root / "var-lib" / name
+    path.mkdir(parents=True, mode=0o700)
+    return ["-E", f"STATE_DIRECTORY={path}"]
+
+
+def test_every_service_keeps_its_state_in_systemds_state_directory() -> None:
+    services = sorted((CONF / "systemd").glob("*.service"))
+    assert len(services) == 5
+    for unit in services:
+        text = unit.read_text()
+        assert unit_values(text, "StateDirectory") == ["ofmipd"], unit.name
+        assert unit_values(text, "StateDirectoryMode") == ["0700"], unit.name
+
+
 def test_accept_yes_one_ofmipd_per_connection(work: Workspace) -> None:
     port = free_port()
     argv = activate_args("ofmipd.socket", "ofmipd@.service", {"587": f"127.0.0.1:{port}"})
@@ -52,7 +72,8 @@ def test_accept_yes_one_ofmipd_per_connection(work: Workspace) -> None:
         "systemd/ofmipd@.service", work.replacements(**{USERS_PATH: str(work.users)})
     )
     assert command[:2] == [str(work.ofmipd), "-1"]
-    launched = work.start([*argv, *command], "activate")
+    state = state_directory("ofmipd@.service", work.root)
+    launched = work.start([*argv, *state, *command], "activate")
     wait_for_banner("127.0.0.1", port, launched)
     for source in ("127.0.0.5", "127.0.0.6"):
         sent = msmtp(work.root, port, source_ip=source, tls="off", subject=source)
@@ -63,6 +84,11 @@ def test_accept_yes_one_ofmipd_per_connection(work: Workspace) -> None:
     assert all("with ESMTPA" in h for h in headers), headers
     # one process per connection: the launcher reports each child it spawned
     assert launched.log().count("Spawned ") >= 3  # the readiness probe and the two clients
+    # and every one of them counted logins in the one database systemd's directory holds
+    with sqlite3.connect(work.root / "var-lib" / "ofmipd" / "ofmipd.db") as db:
+        (known,) = db.execute("SELECT count(*) FROM records").fetchone()
+    assert known >= 2  # each login recorded its address as known-good for alice
+    assert not work.state.exists()
 
 
 def test_accept_yes_uses_remote_addr_from_systemd(work: Workspace) -> None:

@@ -55,6 +55,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Workspace, int]]:
                     "PORT=587": f"PORT={port}",
                     "USER=ofmipd": "USER=root",
                     "RULES=/etc/ofmipd/tcp.smtp.cdb": f"RULES={cdb}",
+                    "STATE=/var/lib/ofmipd": f"STATE={tmp_path / 'lib-ofmipd'}",
                     USERS_PATH: str(work.users),
                 }
             ),
@@ -111,3 +112,20 @@ def test_denied_client_is_dropped_before_ofmipd(served: tuple[Workspace, int]) -
         sock.settimeout(30)
         sock.connect(("127.0.0.1", port))
         assert sock.recv(100) == b""  # no banner: tcpserver closed it
+
+
+def test_one_session_processes_share_the_guessing_limit_in_the_state_dir(
+    served: tuple[Workspace, int],
+) -> None:
+    work, port = served
+    replies = []
+    for _ in range(6):  # a new ofmipd -1 for each connection
+        transcript = swaks(
+            port, "--auth", "PLAIN", "--auth-user", USER, "--auth-password", "guess",
+            source_ip="127.0.0.7",
+        )  # fmt: skip
+        replies.append("535 5.7.8" in transcript and "454 4.7.0" not in transcript)
+    assert replies == [True] * 5 + [False]  # the sixth process knew of the five failures
+    state = work.root / "lib-ofmipd"
+    assert state.stat().st_mode & 0o777 == 0o700  # made by the run script
+    assert (state / "ofmipd.db").is_file()

@@ -4,6 +4,7 @@ in inetd mode, which does STARTTLS itself and runs `ofmipd -1 --tls-in-front`.""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,3 +84,8 @@ def test_wrong_password_is_refused_through_the_chain(chain: tuple[Workspace, int
     assert sent.returncode != 0
     assert "535" in sent.stdout + sent.stderr
     assert work.messages() == []
+    # counted where every ofmipd -1 of this chain looks (ofmipd runs as root here and
+    # makes its state directory itself; the workspace puts it in place of /var/lib/ofmipd)
+    with sqlite3.connect(work.state / "ofmipd.db") as db:
+        (counted,) = db.execute("SELECT count(*) FROM counters WHERE used > 0").fetchone()
+    assert counted == 2  # the client address and the user name
