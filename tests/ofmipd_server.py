@@ -81,9 +81,18 @@ class Daemon:
         )
         try:
             wait_for_port(host, port, self.proc)
+            if not {"-b", "--background", "--syslog"} & set(args):
+                self.wait_for_log("ready on")  # start-up lines are written after the bind
         except Exception:
             self.stop()
             raise RuntimeError(f"ofmipd did not start: {self.log_text()}") from None
+
+    def wait_for_log(self, text: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"no {text!r} in the log")
+            time.sleep(0.02)
 
     def __enter__(self) -> Daemon:
         return self

@@ -18,7 +18,7 @@ import pytest
 from tests import ldap_server
 from tests.conftest import free_port
 from tests.ldap_server import PEOPLE, Slapd
-from tests.ofmipd_server import CAPTURE, Daemon, captured_messages, server_env
+from tests.ofmipd_server import CAPTURE, ROOT, Daemon, captured_messages, server_env
 
 slapd_module = ldap_server.slapd_module
 
@@ -69,6 +69,7 @@ def daemon(
     port = free_port()
     args = ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", *auth]
     args += ["--sendmail", CAPTURE, "--sender-map", str(senders)]
+    args += ["--ratelimit", "off"]  # many refused variants from one address, on purpose
     with Daemon(args, port, tmp_path, env=server_env(CAPTURE_DIR=str(capture))) as running:
         yield running
 
@@ -124,13 +125,12 @@ def test_folded_variants_of_alice_are_alice_everywhere(daemon: Daemon, capture: 
 
 
 def test_tempfail_log_line_names_the_backend_that_failed(tmp_path: Path, capture: Path):
-    # LDAP down, then the authfile: "no such user". 454 because of LDAP, and the log says so.
-    users = tmp_path / "users"
-    users.write_text("alice:alice-pw\n")
-    users.chmod(0o600)
+    # LDAP down, then a checkpassword program that fails temporarily too: 454, and the log
+    # names LDAP, the first backend that could not answer, not the last one asked.
     dead = f"ldap://127.0.0.1:{free_port()}/uid=%s,{PEOPLE}"
+    later = f"{ROOT / 'tests' / 'checkpw_progs' / 'exit-code'} 111"
     port = free_port()
-    args = ["-p", f"127.0.0.1:{port}", "-R", dead, "-a", str(users), "--sendmail", CAPTURE]
+    args = ["-p", f"127.0.0.1:{port}", "-R", dead, "-A", later, "--sendmail", CAPTURE]
     with Daemon(args, port, tmp_path, env=server_env(CAPTURE_DIR=str(capture))) as daemon:
         with smtplib.SMTP(daemon.host, daemon.port, timeout=30) as s:
             s.ehlo("client.test")

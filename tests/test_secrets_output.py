@@ -70,7 +70,7 @@ def test_check_config_shows_a_redis_url_without_its_password(users: Path, redis_
     url = f"redis://:{SECRET}@127.0.0.1:{redis_port}/0"
     result = run("--check-config", "-a", str(users), "--ratelimit", url)
     assert result.returncode == 0, result.stderr
-    assert f"login rate limit: redis://:***@127.0.0.1:{redis_port}/0" in result.stdout
+    assert f"login rate limit: redis redis://:***@127.0.0.1:{redis_port}/0" in result.stdout
 
 
 def test_a_daemon_reaches_redis_with_the_password_it_never_logs(
