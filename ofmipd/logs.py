@@ -133,6 +133,9 @@ def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
     # aiosmtpd's own logger repeats every command line; only a debug trace wants it.
     logging.getLogger("mail.log").setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.getLogger("mail.log").addFilter(RedactAuth())
+    # In asyncio's debug mode (PYTHONASYNCIODEBUG, -X dev) its logger writes a traceback
+    # for every failed TLS handshake; the session's end line already says what failed.
+    logging.getLogger("asyncio").setLevel(logging.INFO)
     while _pending:
         record = _pending.pop(0)
         if record.levelno >= root.level:
