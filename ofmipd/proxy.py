@@ -233,7 +233,7 @@ async def read_proxy_header(reader: ExactReader, timeout: float) -> ProxyHeader 
                     return result
                 data += await reader.readexactly(result.at_least)
     except TimeoutError:
-        return ProxyError(f"no complete PROXY header within {timeout:g}s ({len(data)} bytes)")
+        return ProxyError(f"no complete PROXY header within {timeout:.3g}s ({len(data)} bytes)")
     except asyncio.IncompleteReadError as error:
         return ProxyError(f"connection closed after {len(data) + len(error.partial)} bytes")
     except (ConnectionError, OSError) as error:
