@@ -249,7 +249,7 @@ def tls_in_front_list(value: bool | str | list[Any]) -> tuple[str, ...]:
     entries = value.split(",") if isinstance(value, str) else [str(x) for x in value]
     cidrs = tuple(entry.strip() for entry in entries if entry.strip())
     if not cidrs:
-        raise ConfigError("tls_in_front: give true, false or a list of CIDR networks")
+        raise ConfigError("--tls-in-front: expected CIDR networks (in TOML, or true or false)")
     return cidrs
 
 
