@@ -256,6 +256,14 @@ class SubmissionServer(SMTP):
         super().connection_made(transport)
 
     async def _handle_client(self) -> None:
+        try:
+            await self._session()
+        except Exception as error:  # a bug in ofmipd: say so once, then end the connection
+            log.error("session %s: %s", self.session_id, type(error).__name__, exc_info=error)
+        finally:  # however the session ended, the connection (and its slot) ends with it
+            self._close()
+
+    async def _session(self) -> None:
         self.client = self.client.with_changes(tls=self.tls_active)
         self.policy = decide(self.client, self.app.config.tls, self.app.rules)
         log.debug(  # the end line repeats all of it; this one helps follow a live session

@@ -3,6 +3,7 @@ exit, defaults that keep one address from taking every slot, the pre-EHLO deadli
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import smtplib
 import socket
@@ -268,3 +269,38 @@ def test_proxy_header_and_tls_handshake_fall_under_the_ehlo_timeout(tmp_path, us
     (line,) = [x for x in log.splitlines() if "client=192.0.2.9" in x]
     assert "source=proxy-v1 tls=no" in line and "result=tls-failed" in line
     assert "error=timeout" in line, line
+
+
+def test_an_internal_error_ends_the_connection_and_gives_its_count_back(users, monkeypatch):
+    """A bug in ofmipd cannot be caused for real, so one is injected (the policy decision
+    raises); the daemon runs in this process to see its connection table."""
+    from ofmipd import listeners, smtp
+    from ofmipd.assemble import build_app
+    from ofmipd.cli import build_parser, config_from_args
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(smtp, "decide", broken)
+    args = ["-a", str(users), "--sendmail", CAPTURE, "--max-per-ip", "1"]
+    app = build_app(config_from_args(build_parser().parse_args(args)))
+
+    async def run() -> tuple[list[bytes], str]:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        daemon = listeners.Daemon(app, [listener], lambda: app.config)
+        accepting = asyncio.create_task(daemon.accept_loop(listener))
+        seen = []
+        for _ in range(3):  # with --max-per-ip 1, a kept count would refuse the next
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            seen.append(await asyncio.wait_for(reader.read(), 5))
+            writer.close()
+        await asyncio.sleep(0.1)
+        accepting.cancel()
+        listener.close()
+        return seen, daemon.table.describe()
+
+    seen, table = asyncio.run(run())
+    assert seen == [b"", b"", b""]  # closed at once, not after the idle timeout
+    assert table == "0 of 100 connection slots in use; per client address: none"
