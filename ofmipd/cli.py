@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-per-ip",
         type=int,
         metavar="N",
-        help="simultaneous sessions from one address (default 10, at most a quarter of -C)",
+        help="simultaneous sessions from one client address (default 10, or -C/4 if smaller)",
     )
     limits.add_argument(
         "--idle-timeout",
@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ehlo-timeout",
         type=float,
         metavar="SECONDS",
-        help="from connect to EHLO/HELO, PROXY header and implicit TLS handshake included, "
-        "at most this long (default 20)",
+        help="time from connect to EHLO/HELO, including a PROXY header and the implicit "
+        "TLS handshake; NOOPs do not extend it (default 20)",
     )
     limits.add_argument(
         "--data-timeout",
