@@ -293,7 +293,7 @@ class SubmissionServer(SMTP):
             self.transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self.ended.done():  # aiosmtpd calls it itself after a failed STARTTLS
+        if self.ended.done():  # called already (smtp_STARTTLS does, after a failed handshake)
             return
         try:
             self._account_for_end()

@@ -15,7 +15,7 @@ import stat
 import sys
 from typing import Any, NoReturn
 
-from ofmipd import identity
+from ofmipd import connection, identity
 from ofmipd.assemble import App
 from ofmipd.smtp import SubmissionServer
 
@@ -127,8 +127,6 @@ class PipePair(asyncio.Transport):
 async def run_session(app: App) -> None:
     implicit_tls = app.implicit_tls_context is not None
     if stat.S_ISSOCK(os.fstat(0).st_mode):
-        from ofmipd import connection
-
         sock = socket.socket(fileno=os.dup(0))
         set_nodelay(sock)
         client = connection.socket_client(app, sock, os.environ)
