@@ -188,6 +188,7 @@ class Daemon:
             await connection.serve(server, conn, lambda client: self.admit(ticket, client))
         finally:
             self.sessions.discard(server)
+            ticket.release()  # now, rather than when the done callback runs
 
     def admit(self, ticket: Ticket, client: identity.ClientIdentity) -> bool:
         """Simultaneous sessions per client address: the socket peer's, or the one a
