@@ -270,7 +270,7 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         "",
         "The bench compiles ofmipd's bytecode first, as pip does on install. Every ofmipd "
         "daemon here gets `--config` with `max_per_ip = 100000`: all load comes from "
-        "127.0.0.1, and the default per-address limit (50) would refuse a client that reconnects "
+        "127.0.0.1, and the default per-address limit (10) would refuse a client that reconnects "
         "before its previous session's slot is released (`ofmipd -1` gets no config file, like "
         "the bare script). Postfix runs unchrooted with "
         "`smtpd_client_connection_count_limit = 0`; Dovecot's passwd-file holds a {PLAIN} "

@@ -75,6 +75,7 @@ class App:
         "config", "hostname", "chain", "delivery", "mechanisms", "starttls_context",
         "implicit_tls_context", "rules", "proxy_trust", "proxy_timeout", "senders", "limiter",
         "metrics", "reverse_names", "instance_id", "sessions_started", "_handler",
+        "tls_terminators",
     )  # fmt: skip
 
     def __init__(
@@ -112,6 +113,7 @@ class App:
         self.instance_id = os.urandom(2).hex()
         self.sessions_started = itertools.count(1)
         self._handler: Any = None
+        self.tls_terminators: Any | None = None  # --tls-in-front peers (identity.Networks)
 
     def new_session_id(self) -> str:
         return f"{self.instance_id}{next(self.sessions_started):x}"
@@ -141,9 +143,13 @@ class App:
             if config.ssl
             else (f"STARTTLS {config.tls}" if config.tls else "off")
         )
-        if config.tls_in_front:
-            tls += ", TLS terminated in front"
+        if self.tls_terminators is not None:
+            tls += f", TLS terminated in front by {self.tls_terminators}"
         lines.append(f"tls: {tls}")
+        limits = f"EHLO within {config.ehlo_timeout:g}s of connecting"
+        if not config.one_session:
+            limits = f"{config.per_ip_limit} sessions per client address, " + limits
+        lines.append(f"connection limits: {limits}")
         lines.append(
             f"rules: {len(self.rules) if self.rules is not None else 0}"
             + (f" from {config.rules}" if config.rules else "")
@@ -270,4 +276,8 @@ def build_app(config: Config, previous: App | None = None) -> App:
         from ofmipd.proxy import TrustedProxies
 
         app.proxy_trust = TrustedProxies.parse(",".join(config.proxy_protocol))
+    if config.tls_in_front:
+        from ofmipd.identity import Networks
+
+        app.tls_terminators = Networks.parse(config.tls_in_front, option="--tls-in-front")
     return app

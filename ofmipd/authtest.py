@@ -137,10 +137,15 @@ def describe_client(config: Config, chain: Chain, client: identity.ClientIdentit
     from ofmipd.assemble import build_rules
     from ofmipd.policy import decide
 
-    # The server adds tls_in_front to every client; then require-tls is already met.
-    client = client.with_changes(tls_in_front=config.tls_in_front)
+    # A client connecting from --remote-ip through a --tls-in-front terminator there has
+    # an encrypted channel; then require-tls is already met.
+    if config.tls_in_front:
+        terminators = identity.Networks.parse(config.tls_in_front, option="--tls-in-front")
+        client = identity.with_tls_in_front(
+            client.with_changes(peer_ip=client.peer_ip or client.ip), terminators, ip_peer=True
+        )
     policy = decide(client, config.tls, build_rules(config))
-    tls_possible = bool(config.tls or config.ssl or config.tls_in_front)
+    tls_possible = bool(config.tls or config.ssl or client.tls_in_front)
     return ClientView(client, policy, tls_possible, tuple(ipauthmap_routes(chain, client)))
 
 

@@ -12,7 +12,16 @@ import sys
 from typing import Any
 
 from ofmipd import __version__, logs
-from ofmipd.config import Config, backend_from_flag, load_toml, merge, parse_listen, validate
+from ofmipd.config import (
+    LOOPBACK,
+    Config,
+    backend_from_flag,
+    load_toml,
+    merge,
+    parse_listen,
+    tls_in_front_list,
+    validate,
+)
 from ofmipd.errors import ConfigError, one_line
 
 # tmda-ofmipd options that concern TMDA's address tagging, which ofmipd does not do.
@@ -185,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--connections",
         type=int,
         metavar="N",
-        help="simultaneous sessions (default 20); more clients wait",
+        help="simultaneous sessions (default 100); more clients wait",
     )
     conn.add_argument(
         "--workers",
@@ -208,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conn.add_argument(
         "--tls-in-front",
-        action="store_true",
-        default=None,
-        help="a TLS terminator (stunnel) already encrypts the channel",
+        nargs="?",
+        const=",".join(LOOPBACK),
+        metavar="CIDR[,CIDR...]",
+        help="a TLS terminator (stunnel, haproxy) at these peers already encrypts the "
+        "channel (no list: loopback; one-session mode also trusts a socketpair or pipes)",
     )
     tls = parser.add_argument_group("TLS")
     tls.add_argument(
@@ -267,13 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-per-ip",
         type=int,
         metavar="N",
-        help="simultaneous sessions from one address (default 50)",
+        help="simultaneous sessions from one client address (default 10, or -C/4 if smaller)",
     )
     limits.add_argument(
         "--idle-timeout",
         type=float,
         metavar="SECONDS",
         help="wait for a command at most this long (default 300)",
+    )
+    limits.add_argument(
+        "--ehlo-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time from connect to EHLO/HELO, including a PROXY header and the implicit "
+        "TLS handshake; NOOPs do not extend it (default 20)",
     )
     limits.add_argument(
         "--data-timeout",
@@ -357,6 +375,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         proxy_protocol=proxies,
         ratelimit_fail_open=False if args.ratelimit_fail_closed else None,
         reverse_dns=False if args.no_reverse_dns else None,
+        tls_in_front=None if args.tls_in_front is None else tls_in_front_list(args.tls_in_front),
     )
     return validate(merge(base, flags))
 

@@ -13,6 +13,8 @@ from auth_backends import BackendSpec, kind_for_url
 from ofmipd.errors import ConfigError
 
 TLS_MODES = ("optional", "localoptional", "on")
+DEFAULT_MAX_PER_IP = 10
+LOOPBACK = ("127.0.0.0/8", "::1/128")  # --tls-in-front without a list
 
 
 class Listen(NamedTuple):
@@ -26,7 +28,7 @@ class Listen(NamedTuple):
 class Config(NamedTuple):
     listen: tuple[Listen, ...] = ()
     one_session: bool = False
-    connections: int = 20
+    connections: int = 100  # like Postfix's default_process_limit
     workers: int = 1  # processes sharing the listening sockets
     background: bool = False
     username: str | None = None
@@ -45,17 +47,18 @@ class Config(NamedTuple):
     ssl_cert: str | None = None
     ssl_key: str | None = None
     ciphers: str | None = None
-    tls_in_front: bool = False
+    tls_in_front: tuple[str, ...] = ()  # CIDRs of trusted TLS terminators; () is off
     rules: str | None = None
     rule_tables: tuple[dict[str, Any], ...] = ()  # TOML [[rule]] tables
     proxy_protocol: tuple[str, ...] = ()
     size_limit: int = 35 * 1024 * 1024
     idle_timeout: float = 300.0
+    ehlo_timeout: float = 20.0  # connect to EHLO/HELO, PROXY header and TLS handshake included
     max_recipients: int = 100
     data_timeout: float = 600.0
     max_errors: int = 20  # like Postfix's smtpd_hard_error_limit
     max_commands: int = 1000  # per command name and session
-    max_per_ip: int = 50  # simultaneous sessions from one address (Postfix's default)
+    max_per_ip: int | None = None  # simultaneous sessions from one address; see per_ip_limit
     sender_map: str | None = None
     ratelimit: str | None = None  # None: "sqlite" (in state_dir); "memory", "redis://...", "off"
     ratelimit_fail_open: bool = True
@@ -69,6 +72,15 @@ class Config(NamedTuple):
     @property
     def listeners(self) -> tuple[Listen, ...]:
         return self.listen or (Listen("127.0.0.1", 8025),)
+
+    @property
+    def per_ip_limit(self) -> int:
+        """--max-per-ip, by default 10 and at most a quarter of -C: one address (or one
+        NAT) must not be able to take every slot. Postfix allows half its process limit,
+        which two addresses fill; a mail client holds one or two submission sessions."""
+        if self.max_per_ip is not None:
+            return self.max_per_ip
+        return max(1, min(DEFAULT_MAX_PER_IP, self.connections // 4))
 
     @property
     def sendmail_program(self) -> str:
@@ -155,6 +167,7 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         "rules": str,
         "size_limit": int,
         "idle_timeout": (int, float),
+        "ehlo_timeout": (int, float),
         "max_recipients": int,
         "data_timeout": (int, float),
         "max_errors": int,
@@ -165,7 +178,6 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         "state_dir": str,
         "metrics": str,
         "reverse_dns": bool,
-        "tls_in_front": bool,
         "bare_newline": str,
     }
     for key, expected in simple.items():
@@ -181,6 +193,9 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         if store is not None:
             values["ratelimit"] = str(store)
         values["ratelimit_options"] = tuple(sorted(options.items()))
+    tls_in_front = _take(data, "tls_in_front", (bool, str, list), source)
+    if tls_in_front is not None:
+        values["tls_in_front"] = tls_in_front_list(tls_in_front)
     rule_tables = _take(data, "rule", list, source)
     if rule_tables:
         values["rule_tables"] = tuple(rule_tables)
@@ -232,6 +247,21 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
     return Config(**values)
 
 
+def tls_in_front_list(value: bool | str | list[Any]) -> tuple[str, ...]:
+    """--tls-in-front [CIDR,...] or TOML tls_in_front = true | "CIDR,..." | ["CIDR", ...]:
+    the peers believed to encrypt the channel. true or no list means loopback, as the
+    recipes and tmda-ofmipd's --tls-in-front (no value) expect."""
+    if value is True:
+        return LOOPBACK
+    if value is False:
+        return ()
+    entries = value.split(",") if isinstance(value, str) else [str(x) for x in value]
+    cidrs = tuple(entry.strip() for entry in entries if entry.strip())
+    if not cidrs:
+        raise ConfigError("--tls-in-front: expected CIDR networks (in TOML, or true or false)")
+    return cidrs
+
+
 def _no_leftovers(table: dict[str, Any], where: str) -> None:
     if table:
         raise ConfigError(f"{where}: unknown setting {sorted(table)[0]!r}")
@@ -261,9 +291,15 @@ def validate(config: Config) -> Config:
     if config.sendmail and config.maildir:
         raise ConfigError("--sendmail and --maildir exclude each other: choose one delivery")
     for name in ("max_recipients", "max_errors", "max_commands", "max_per_ip"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ConfigError(f"{name} {getattr(config, name)}: must be a positive integer")
-    for name in ("idle_timeout", "data_timeout", "delivery_timeout", "auth_timeout"):
+    for name in (
+        "idle_timeout",
+        "ehlo_timeout",
+        "data_timeout",
+        "delivery_timeout",
+        "auth_timeout",
+    ):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{name} {getattr(config, name)}: must be positive")
     if not 1 <= config.workers <= 64:

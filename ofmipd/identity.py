@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
+
+from ofmipd.errors import ConfigError
 
 # Where the identity came from, most trusted first.
 SOCKET = "socket"
@@ -65,6 +67,58 @@ def normalise_ip(text: str | None) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Networks:
+    """Addresses matched against a list of CIDR networks: the peers a setting trusts
+    (--proxy-protocol, --tls-in-front). Peers arrive normalised, so IPv4-mapped IPv6
+    networks are stored as IPv4."""
+
+    __slots__ = ("networks",)
+    option = "networks"  # the setting's name, for error messages
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        self.networks = tuple(networks)
+
+    @classmethod
+    def parse(cls, spec: str | Iterable[str], option: str | None = None) -> Networks:
+        option = option or cls.option
+        entries = spec.split(",") if isinstance(spec, str) else list(spec)
+        networks = []
+        for raw in entries:
+            entry = raw.strip()
+            if not entry:
+                continue
+            try:
+                network = ipaddress.ip_network(entry, strict=True)
+            except ValueError as error:
+                raise ConfigError(f"{option}: {error}") from None
+            networks.append(_unmapped(network))
+        if not networks:
+            raise ConfigError(f"{option}: no addresses given")
+        return cls(networks)
+
+    def contains(self, ip: str) -> bool:
+        text = normalise_ip(ip)
+        if not text:
+            return False
+        address = ipaddress.ip_address(text)
+        return any(address in network for network in self.networks)
+
+    def __str__(self) -> str:
+        return ",".join(str(network) for network in self.networks)
+
+
+def _unmapped(network: IPNetwork) -> IPNetwork:
+    """::ffff:a.b.c.d/120 as a.b.c.d/24, since client addresses arrive normalised."""
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def _port(text: object) -> int | None:
@@ -133,6 +187,19 @@ def from_environment(env: Mapping[str, str], transport: ClientIdentity) -> Clien
                 relay_client=relay,
             )
     return transport._replace(relay_client=relay)
+
+
+def with_tls_in_front(
+    client: ClientIdentity, terminators: Networks | None, *, ip_peer: bool
+) -> ClientIdentity:
+    """--tls-in-front: believe the channel is encrypted only when the transport peer is
+    a trusted TLS terminator (stunnel, haproxy), judged by the peer, never by a PROXY
+    or launcher-supplied client address. A channel with no IP peer (the socketpair or
+    pipes of stunnel's exec) comes from the local launcher itself, which is trusted."""
+    if terminators is None:
+        return client
+    trusted = terminators.contains(client.peer_ip) if ip_peer else True
+    return client._replace(tls_in_front=trusted)
 
 
 # Launcher variables in our own environment describe our launcher's client (or none);

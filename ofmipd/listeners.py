@@ -2,8 +2,10 @@
 
 Sockets come from -p/-6 or from systemd (LISTEN_FDS). At most -C sessions run at
 once; further clients wait in the kernel's accept queue rather than being
-dropped. SIGTERM stops accepting and lets sessions finish; SIGHUP builds a new
-App from the configuration (certificates, rules, backends) for new sessions.
+dropped, and one client address may hold at most --max-per-ip of them. SIGTERM
+stops accepting and lets sessions finish; SIGHUP builds a new App from the
+configuration (certificates, rules, backends) for new sessions; SIGUSR1 logs
+what the connection limits hold.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from ofmipd import identity
+from ofmipd import connection, identity
 from ofmipd.assemble import App, build_app
 from ofmipd.config import Config, Listen
 from ofmipd.errors import ConfigError, one_line
@@ -84,6 +86,65 @@ def daemonize() -> None:
     os.close(devnull)
 
 
+class Ticket:
+    """One accepted connection's share of the limits: a slot of -C and, once the client
+    is known, one count for its address. The connection's task releases it when the
+    task ends, however it ends, so no path (failed handshake, refused PROXY header, rule
+    deny, exception, cancellation) can keep a count."""
+
+    __slots__ = ("table", "address", "released")
+
+    def __init__(self, table: ConnectionTable) -> None:
+        self.table = table
+        self.address = ""
+        self.released = False
+
+    def count(self, address: str, limit: int) -> bool:
+        per_ip = self.table.per_ip
+        if per_ip[address] >= limit:
+            return False
+        per_ip[address] += 1
+        self.address = address
+        return True
+
+    def release(self, _task: object = None) -> None:
+        if self.released:
+            return
+        self.released = True
+        table = self.table
+        if self.address:
+            table.per_ip[self.address] -= 1
+            if table.per_ip[self.address] <= 0:
+                del table.per_ip[self.address]
+        table.open -= 1
+        table.slots.release()
+
+
+class ConnectionTable:
+    """Connections open now: -C slots (further clients wait in the kernel's accept
+    queue) and the count per client address (--max-per-ip)."""
+
+    def __init__(self, connections: int) -> None:
+        self.size = connections
+        self.slots = asyncio.Semaphore(connections)
+        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.open = 0
+
+    def ticket(self) -> Ticket:
+        """For a connection just accepted, holding the slot acquired for it."""
+        self.open += 1
+        return Ticket(self)
+
+    def describe(self) -> str:
+        busiest = ", ".join(f"{ip}={n}" for ip, n in self.per_ip.most_common(10))
+        more = len(self.per_ip) - 10
+        return (
+            f"{self.open} of {self.size} connection slots in use; per client address: "
+            + (busiest or "none")
+            + (f" and {more} more" if more > 0 else "")
+        )
+
+
 class Daemon:
     def __init__(
         self, app: App, sockets: list[socket.socket], config_loader: Callable[[], Config]
@@ -91,105 +152,56 @@ class Daemon:
         self.app = app
         self.sockets = sockets
         self.config_loader = config_loader
-        self.slots = asyncio.Semaphore(app.config.connections)
+        self.table = ConnectionTable(app.config.connections)
         self.stopping = asyncio.Event()
         self.sessions: set[SubmissionServer] = set()
-        self.handshakes: set[asyncio.Task[None]] = set()
-        self.per_ip: collections.Counter[str] = collections.Counter()
-
-    def identify(self, transport: asyncio.BaseTransport) -> identity.ClientIdentity:
-        client = identity.from_socket(
-            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        )
-        return client.with_changes(tls_in_front=self.app.config.tls_in_front)
-
-    def _release(self) -> None:
-        self.slots.release()
+        self.connections: set[asyncio.Task[None]] = set()
 
     async def accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         while not self.stopping.is_set():
-            await self.slots.acquire()
+            await self.table.slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(sock)
-            except asyncio.CancelledError:
-                self.slots.release()
-                raise
             except OSError as error:
-                self.slots.release()
+                self.table.slots.release()
                 log.warning("accept failed: %s", error)
                 await asyncio.sleep(0.1)
                 continue
-            if not self.admit(conn):
-                continue
-            task = asyncio.create_task(self.start_session(conn))
-            self.handshakes.add(task)
-            task.add_done_callback(self.handshakes.discard)
+            except BaseException:
+                self.table.slots.release()
+                raise
+            ticket = self.table.ticket()
+            task = asyncio.create_task(self.serve(conn, ticket))
+            task.add_done_callback(ticket.release)  # runs even if the task never started
+            self.connections.add(task)
+            task.add_done_callback(self.connections.discard)
 
-    def admit(self, conn: socket.socket) -> bool:
-        """Simultaneous sessions per transport peer. A trusted PROXY sender carries many
-        clients, so it is exempt; limit clients per address in the proxy itself."""
-        try:
-            ip = identity.normalise_ip(conn.getpeername()[0])
-        except (OSError, IndexError):
-            ip = ""
-        trusted_proxy = self.app.proxy_trust is not None and self.app.proxy_trust.contains(ip)
-        if ip and not trusted_proxy and self.per_ip[ip] >= self.app.config.max_per_ip:
-            log.warning("refused %s: %d sessions already", ip, self.per_ip[ip])
-            try:
-                conn.send(b"421 4.7.0 Too many connections from your address\r\n")
-            except OSError:
-                pass
-            conn.close()
-            self.slots.release()
-            return False
-        return True
-
-    async def start_session(self, conn: socket.socket) -> None:
+    async def serve(self, conn: socket.socket, ticket: Ticket) -> None:
         set_nodelay(conn)
-        app = self.app  # a session keeps the App it started with across a reload
-        loop = asyncio.get_running_loop()
-        created: list[SubmissionServer] = []
-
-        def factory() -> SubmissionServer:
-            server = SubmissionServer(
-                app, self.identify, implicit_tls=app.implicit_tls_context is not None
-            )
-            self.sessions.add(server)
-            try:
-                ip = identity.normalise_ip(conn.getpeername()[0])
-            except (OSError, IndexError):
-                ip = ""
-            self.per_ip[ip] += 1
-
-            def ended() -> None:
-                self.sessions.discard(server)
-                self.per_ip[ip] -= 1
-                if self.per_ip[ip] <= 0:
-                    del self.per_ip[ip]
-                self.slots.release()
-
-            server.on_end = ended
-            created.append(server)
-            return server
-
+        app = self.app  # a connection keeps the App it started with across a reload
+        client = connection.socket_client(app, conn)
+        server = SubmissionServer(app, client, implicit_tls=app.implicit_tls_context is not None)
+        self.sessions.add(server)
         try:
-            await loop.connect_accepted_socket(
-                factory,
-                conn,
-                ssl=app.implicit_tls_context,
-                ssl_handshake_timeout=30 if app.implicit_tls_context else None,
-            )
-        except Exception as error:
-            if isinstance(error, OSError | TimeoutError):
-                log.info("connection dropped before the session began: %s", error)
-            else:
-                log.error("cannot start a session", exc_info=error)
-            conn.close()
-            for server in created:  # a failed TLS handshake never reaches connection_made
-                self.sessions.discard(server)
-            self.slots.release()
+            await connection.serve(server, conn, lambda client: self.admit(ticket, client))
+        finally:
+            self.sessions.discard(server)
+            ticket.release()  # now, rather than when the done callback runs
+
+    def admit(self, ticket: Ticket, client: identity.ClientIdentity) -> bool:
+        """Simultaneous sessions per client address: the socket peer's, or the one a
+        trusted PROXY header names (the proxy's own address carries many clients and is
+        not counted; so is an unknown client, for want of an address to count)."""
+        ip = client.ip
+        proxies = self.app.proxy_trust
+        if not ip or (proxies is not None and proxies.contains(ip)):
+            return True
+        if ticket.count(ip, self.app.config.per_ip_limit):
+            return True
+        log.warning("refused %s: %d sessions already", ip, self.table.per_ip[ip])
+        return False
 
     def reload(self) -> None:
         try:
@@ -203,11 +215,17 @@ class Daemon:
             return
         log.info("configuration reloaded")
 
+    def status(self) -> None:
+        """SIGUSR1: one line on what the connection limits hold now (for the admin, and
+        for tests to see that every count came back)."""
+        log.info("status: %s", self.table.describe())
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.status)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # now they can be handled
         accepting = [asyncio.create_task(self.accept_loop(s)) for s in self.sockets]
         names = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
@@ -228,9 +246,10 @@ class Daemon:
         log.info("stopped")
 
 
-# A stop or reload that arrives between binding the sockets (clients can connect from
-# then on) and installing the handlers waits, blocked, instead of killing the process.
-HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+# A stop, reload or status request that arrives between binding the sockets (clients can
+# connect from then on) and installing the handlers waits, blocked, instead of killing
+# the process.
+HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
 
 def serve_daemon(app: App, config_loader: Callable[[], Config]) -> int:

@@ -245,6 +245,9 @@ def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
     trace.setLevel(logging.DEBUG if debug else logging.WARNING)
     if not any(isinstance(f, ClientLines) for f in trace.filters):
         trace.addFilter(ClientLines())
+    # In asyncio's debug mode (PYTHONASYNCIODEBUG, -X dev) its logger writes a traceback
+    # for every failed TLS handshake; the session's end line already says what failed.
+    logging.getLogger("asyncio").setLevel(logging.INFO)
     while _pending:
         record = _pending.pop(0)
         if record.levelno >= root.level:

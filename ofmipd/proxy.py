@@ -3,7 +3,8 @@
 The parser is a pure function of the bytes received so far (haproxy's
 doc/proxy-protocol.txt); it answers "need more", an error, or the header and how
 many bytes it took. read_proxy_header() is the only I/O here: it reads exactly the
-header and leaves any SMTP bytes pipelined behind it in the StreamReader.
+header and leaves what follows it unread, so the header can be taken from the raw
+socket before a TLS handshake (implicit TLS behind haproxy's send-proxy-v2).
 
 A PROXY header is only honoured from peers in TrustedProxies: from anyone else it
 would let a client choose its own address (spec section 7).
@@ -14,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import socket
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ofmipd import identity
-from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -192,15 +193,36 @@ def _parse_v2(data: bytes) -> ParseResult:
     )
 
 
-async def read_proxy_header(
-    reader: asyncio.StreamReader, timeout: float
-) -> ProxyHeader | ProxyError:
+class ExactReader(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class SocketReader:
+    """readexactly() straight from a non-blocking socket, with no buffer of its own:
+    what follows the header (a TLS ClientHello, SMTP commands) stays in the socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    async def readexactly(self, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        data = b""
+        while len(data) < n:
+            chunk = await loop.sock_recv(self.sock, n - len(data))
+            if not chunk:
+                raise asyncio.IncompleteReadError(data, n)
+            data += chunk
+        return data
+
+
+async def read_proxy_header(reader: ExactReader, timeout: float) -> ProxyHeader | ProxyError:
     """Read exactly one header from the connection, or say why not.
 
     Only ever asks for the bytes the parser says a valid header still needs
-    (readexactly), so SMTP commands pipelined behind the header stay in `reader`.
+    (readexactly), so whatever the client sent behind the header stays unread: SMTP
+    commands in a StreamReader, or a TLS ClientHello in the socket (SocketReader).
     A v1 line therefore arrives a byte at a time after its first 15; it is at most
-    107 bytes long, so that costs at most 92 buffered reads.
+    107 bytes long, so that costs at most 92 reads.
     """
     data = b""
     try:
@@ -211,7 +233,7 @@ async def read_proxy_header(
                     return result
                 data += await reader.readexactly(result.at_least)
     except TimeoutError:
-        return ProxyError(f"no complete PROXY header within {timeout:g}s ({len(data)} bytes)")
+        return ProxyError(f"no complete PROXY header within {timeout:.3g}s ({len(data)} bytes)")
     except asyncio.IncompleteReadError as error:
         return ProxyError(f"connection closed after {len(data) + len(error.partial)} bytes")
     except (ConnectionError, OSError) as error:
@@ -241,46 +263,8 @@ def apply_proxy(transport: ClientIdentity, header: ProxyHeader) -> ClientIdentit
     )
 
 
-@dataclass(frozen=True)
-class TrustedProxies:
+class TrustedProxies(identity.Networks):
     """The peers whose PROXY header is believed (--proxy-protocol CIDR[,CIDR...])."""
 
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-    @classmethod
-    def parse(cls, spec: str | Iterable[str]) -> TrustedProxies:
-        entries = spec.split(",") if isinstance(spec, str) else list(spec)
-        networks = []
-        for raw in entries:
-            entry = raw.strip()
-            if not entry:
-                continue
-            try:
-                network = ipaddress.ip_network(entry, strict=True)
-            except ValueError as error:
-                raise ConfigError(f"--proxy-protocol: {error}") from None
-            networks.append(_unmapped(network))
-        if not networks:
-            raise ConfigError("--proxy-protocol: no trusted proxy addresses given")
-        return cls(tuple(networks))
-
-    def contains(self, ip: str) -> bool:
-        text = identity.normalise_ip(ip)
-        if not text:
-            return False
-        address = ipaddress.ip_address(text)
-        return any(address in network for network in self.networks)
-
-    def __str__(self) -> str:
-        return ",".join(str(network) for network in self.networks)
-
-
-def _unmapped(
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
-) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """::ffff:a.b.c.d/120 as a.b.c.d/24, since client addresses arrive normalised."""
-    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
-        mapped = network.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-    return network
+    __slots__ = ()
+    option = "--proxy-protocol"

@@ -15,12 +15,11 @@ import logging
 import re
 import time
 from base64 import b64encode
-from collections.abc import Callable
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, login_always_fail, syntax
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail, syntax
 
 from ofmipd import mechanisms
 from ofmipd.auth import Chain, Decision, Outcome, Verdict, check_at_the_door, refused_at_the_door
@@ -158,17 +157,10 @@ def _smtp_commands() -> tuple[str, ...]:
 class SubmissionServer(SMTP):
     """One instance per connection."""
 
-    def __init__(
-        self,
-        app: App,
-        identify: Callable[[asyncio.BaseTransport], ClientIdentity],
-        *,
-        implicit_tls: bool = False,
-    ) -> None:
+    def __init__(self, app: App, client: ClientIdentity, *, implicit_tls: bool = False) -> None:
         self.app = app
-        self.identify = identify
         self.implicit_tls = implicit_tls
-        self.client = ClientIdentity(ip="")
+        self.client = client  # the launcher's; a PROXY header may replace it before the banner
         self.policy = ClientPolicy()
         self.session_id = app.new_session_id()
         self.started = time.monotonic()
@@ -179,10 +171,15 @@ class SubmissionServer(SMTP):
         self.errors = 0
         self.counted = False
         self.result: str | None = None
+        self.error: str | None = None  # why a connection failed before its session began
+        self.tls_established = False  # a TLS handshake has completed (implicit or STARTTLS)
         self.busy = False
         self.draining = False
-        self.on_end: Callable[[], None] | None = None  # the launcher's bookkeeping
         self._init_aiosmtpd(app, implicit_tls)
+        self.ended: asyncio.Future[None] = self.loop.create_future()  # the end line is out
+        # Until EHLO/HELO: one deadline from the start, for the PROXY header, the implicit
+        # TLS handshake and the greeting, so an idle socket cannot hold a slot for long.
+        self.greeting_deadline: float | None = self.loop.time() + app.config.ehlo_timeout
 
     def _init_aiosmtpd(self, app: App, implicit_tls: bool) -> None:
         """What aiosmtpd's SMTP.__init__ sets, without its per-connection class scan.
@@ -281,15 +278,21 @@ class SubmissionServer(SMTP):
     # ---- connection -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None:  # the first call; a second one follows STARTTLS
-            self.client = self.identify(transport)
+        # asyncio calls this once a TLS handshake is complete (implicit TLS, and again
+        # after STARTTLS), never for one that failed.
+        if transport.get_extra_info("ssl_object") is not None:
+            self.tls_established = True
         super().connection_made(transport)
 
     async def _handle_client(self) -> None:
-        proxy = self.app.proxy_trust
-        if proxy is not None and proxy.contains(self.client.peer_ip):
-            if not await self._read_proxy_header():
-                return
+        try:
+            await self._session()
+        except Exception as error:  # a bug in ofmipd: say so once, then end the connection
+            log.error("session %s: %s", self.session_id, type(error).__name__, exc_info=error)
+        finally:  # however the session ended, the connection (and its slot) ends with it
+            self._close()
+
+    async def _session(self) -> None:
         self.client = self.client.with_changes(tls=self.tls_active)
         self.policy = decide(self.client, self.app.config.tls, self.app.rules)
         log.debug(  # the end line repeats all of it; this one helps follow a live session
@@ -314,33 +317,34 @@ class SubmissionServer(SMTP):
         except ConnectionError:
             pass  # the client went away mid-reply; connection_lost has the details
 
-    async def _read_proxy_header(self) -> bool:
-        from ofmipd.proxy import ProxyError, apply_proxy, read_proxy_header
-
-        header = await read_proxy_header(self._reader, self.app.proxy_timeout)
-        if isinstance(header, ProxyError):
-            log.warning(
-                "session %s: PROXY header from %s refused: %s",
-                self.session_id,
-                self.client.peer_ip,
-                printable(header.reason),
-            )
-            self._close()
-            return False
-        self.client = apply_proxy(self.client, header)
-        return True
-
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.ended.done():  # called already (smtp_STARTTLS does, after a failed handshake)
+            return
         try:
             self._account_for_end()
-        finally:  # the launcher's slot must come back whatever happened above
-            if self.on_end is not None:
-                self.on_end()
+        finally:  # the launcher waits on `ended` to give the connection's slot back
+            self.ended.set_result(None)
             super().connection_lost(error)
+
+    def end_before_session(self, result: str, error: str | None = None) -> None:
+        """The connection ended before this protocol was attached to it (PROXY header
+        refused, TLS handshake failed): the one end line, as connection_lost would."""
+        if self.ended.done():
+            return
+        self.result, self.error = result, error
+        try:
+            self._account_for_end()
+        finally:
+            self.ended.set_result(None)
+
+    def greeting_time_left(self) -> float:
+        if self.greeting_deadline is None:
+            return self._timeout_duration
+        return max(self.greeting_deadline - self.loop.time(), 0.0)
 
     def _account_for_end(self) -> None:
         if self.result is None:
@@ -353,7 +357,7 @@ class SubmissionServer(SMTP):
         # One line per session, for the admin and for log analysis.
         log.info(
             "session %s: end client=%s port=%s source=%s tls=%s user=%s backend=%s messages=%d"
-            " result=%s seconds=%.3f",
+            " result=%s seconds=%.3f%s",
             self.session_id,
             self.client.ip or "unknown",
             self.client.port,
@@ -364,13 +368,16 @@ class SubmissionServer(SMTP):
             self.messages,
             self.result,
             time.monotonic() - self.started,
+            f" error={printable(self.error)}" if self.error else "",
         )
         if self.counted:
             self.app.metrics.session_ended(self.result)
 
     @property
     def tls_active(self) -> bool:
-        return self.implicit_tls or self._tls_protocol is not None or self.client.tls_in_front
+        # Not "implicit TLS configured" nor "STARTTLS begun": a completed handshake, or a
+        # trusted terminator in front (identity.with_tls_in_front).
+        return self.tls_established or self.client.tls_in_front
 
     # ---- replies --------------------------------------------------------------------
 
@@ -395,8 +402,11 @@ class SubmissionServer(SMTP):
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Push the idle deadline back. aiosmtpd cancels and creates a timer on every
-        command; here one timer lives per session and re-arms itself if it fires early."""
+        command; here one timer lives per session and re-arms itself if it fires early.
+        Before EHLO/HELO, commands (NOOP, RSET) never push it past the greeting deadline."""
         self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self.greeting_deadline is not None:
+            self._deadline = min(self._deadline, self.greeting_deadline)
         if self._timer_due is None or self._timer_due > self._deadline:
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
@@ -412,6 +422,12 @@ class SubmissionServer(SMTP):
             self._arm_timer()
         else:
             self._timeout_cb()
+
+    def _greeted(self) -> None:
+        """EHLO or HELO: from now on the idle timeout applies."""
+        if self.greeting_deadline is not None:
+            self.greeting_deadline = None
+            self._reset_timeout()
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: say why before closing an idle or stalled session.
@@ -509,6 +525,7 @@ class SubmissionServer(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
+        self._greeted()
         self._set_rset_state()
         session = self.session_state
         session.extended_smtp = True
@@ -534,6 +551,8 @@ class SubmissionServer(SMTP):
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
+        if hostname:
+            self._greeted()
         self._plain_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -559,7 +578,20 @@ class SubmissionServer(SMTP):
         if self.tls_context is None:
             await self.push("502 5.5.1 STARTTLS not offered")
             return
-        await super().smtp_STARTTLS(arg)
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as error:
+            # One end line naming the failure, not aiosmtpd's handle_exception traceback.
+            # The SSL layer never attached this protocol, so asyncio will not call
+            # connection_lost: do what aiosmtpd would, once.
+            from ofmipd.tls import handshake_failure
+
+            self.result = "tls-failed"
+            self.error = handshake_failure(error.__cause__, timed_out=False)
+            if self.transport is not None:
+                self.transport.close()
+            self.connection_lost(error)
+            return
         self.client = self.client.with_changes(tls=True)
 
     # ---- AUTH -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import stat
 import sys
 from typing import Any, NoReturn
 
-from ofmipd import identity
+from ofmipd import connection, identity
 from ofmipd.assemble import App
 from ofmipd.smtp import SubmissionServer
 
@@ -125,32 +125,19 @@ class PipePair(asyncio.Transport):
 
 
 async def run_session(app: App) -> None:
-    loop = asyncio.get_running_loop()
-    finished: asyncio.Future[None] = loop.create_future()
-
-    def ended() -> None:
-        if not finished.done():
-            finished.set_result(None)
-
-    def identify(transport: asyncio.BaseTransport) -> identity.ClientIdentity:
-        direct = identity.from_socket(
-            transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        )
-        client = identity.from_environment(os.environ, direct)
-        return client.with_changes(tls_in_front=app.config.tls_in_front)
-
-    def factory() -> SubmissionServer:
-        server = SubmissionServer(app, identify, implicit_tls=app.implicit_tls_context is not None)
-        server.on_end = ended
-        return server
-
+    implicit_tls = app.implicit_tls_context is not None
     if stat.S_ISSOCK(os.fstat(0).st_mode):
         sock = socket.socket(fileno=os.dup(0))
         set_nodelay(sock)
-        await loop.connect_accepted_socket(factory, sock, ssl=app.implicit_tls_context)
-    else:
-        await PipePair().connect(factory())
-    await finished
+        client = connection.socket_client(app, sock, os.environ)
+        await connection.serve(SubmissionServer(app, client, implicit_tls=implicit_tls), sock)
+        return
+    # Pipes: no IP peer, so the launcher's environment alone names the client.
+    client = identity.from_environment(os.environ, identity.ClientIdentity(ip=""))
+    client = identity.with_tls_in_front(client, app.tls_terminators, ip_peer=False)
+    server = SubmissionServer(app, client, implicit_tls=implicit_tls)
+    await PipePair().connect(server)
+    await server.ended
 
 
 def stderr_is_the_connection() -> bool:

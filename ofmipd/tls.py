@@ -1,4 +1,5 @@
-"""Server TLS contexts: TLS 1.2 minimum, modern ciphers, a certificate chain and key."""
+"""Server TLS contexts (TLS 1.2 minimum, modern ciphers, a certificate chain and key), and
+how a failed handshake is named in the log."""
 
 from __future__ import annotations
 
@@ -34,3 +35,17 @@ def server_context(cert: str | None, key: str | None, ciphers: str | None) -> ss
         where = f"{cert}" + (f" / {key}" if key else "")
         raise ConfigError(f"TLS certificate {where}: cannot load ({error})") from None
     return context
+
+
+def handshake_failure(error: BaseException | None, *, timed_out: bool) -> str:
+    """Why a TLS handshake failed, as one word for the session's end line: OpenSSL's
+    reason (WRONG_VERSION_NUMBER, HTTP_REQUEST, NO_SHARED_CIPHER, ...), "timeout" or
+    "closed" (the client went away). Never a traceback: a port scanner, a health check
+    or plaintext sent to port 465 is routine, not an error in ofmipd."""
+    if timed_out or isinstance(error, ConnectionAbortedError):  # asyncio's handshake timeout
+        return "timeout"
+    if isinstance(error, ssl.SSLError):
+        return error.reason or type(error).__name__
+    if error is None or isinstance(error, ConnectionError | EOFError):
+        return "closed"
+    return type(error).__name__

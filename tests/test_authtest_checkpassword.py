@@ -247,7 +247,7 @@ def test_check_config_prints_listeners_tls_rules_and_chain(tmp_path, config) -> 
     )  # fmt: skip
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr
-    assert f"listen: 127.0.0.1:{port}, [::1]:{port} (connections 20)" in out
+    assert f"listen: 127.0.0.1:{port}, [::1]:{port} (connections 100)" in out
     assert "tls: STARTTLS on" in out
     assert f"rules: 3 from {rules}" in out
     assert "authenticators (in order):\n  1. checkpassword /bin/false" in out

@@ -133,7 +133,8 @@ def test_sigterm_during_data_completes_the_message_then_closes(tmp_path, users, 
 
 
 def test_sighup_under_load_drops_no_session(tmp_path, users, capture):
-    daemon = start(tmp_path, users, capture)
+    # 10 clients from one address, above the default --max-per-ip with the start-up probe
+    daemon = start(tmp_path, users, capture, "--max-per-ip", "20")
     accepted: list[str] = []
     refused: list[str] = []
     errors: list[str] = []

@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,3 +177,73 @@ def test_haproxy_v1_health_check_names_its_own_connection(haproxy: Starter) -> N
     assert isinstance(header, ProxyHeader) and header.consumed == len(raw), raw
     assert (header.version, header.command, header.src_ip) == (1, PROXY, "127.0.0.1")
     assert (header.dst_ip, header.dst_port) == ("127.0.0.1", backend_port)
+
+
+# ---- implicit TLS behind haproxy send-proxy-v2 (the header comes before the handshake) ----
+
+
+def swaks_tls_on_connect(port: int, source: str, user: str, password: str) -> str:
+    done = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{port}", "--local-interface", source,
+         "--tls-on-connect", "--auth", "PLAIN", "--auth-user", user, "--auth-password",
+         password, "--from", f"{user}@example.org", "--to", "bob@example.net",
+         "--helo", "mua.test", "--timeout", "30"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_implicit_tls_daemon_behind_haproxy_send_proxy_v2(
+    haproxy: Starter, tmp_path: Path, capture: Path
+) -> None:
+    from tests.ofmipd_server import captured_messages, start_daemon, wait_for_port
+    from tests.tls_support import make_certificate
+
+    users = tmp_path / "users"
+    users.write_text("alice:Proxy-Tls-5\n")
+    users.chmod(0o600)
+    cert, key = make_certificate(tmp_path)
+    with start_daemon(
+        tmp_path, users, capture, "--ssl", "--ssl-cert", str(cert), "--ssl-key", str(key),
+        "--proxy-protocol", "127.0.0.1",
+    ) as daemon:  # fmt: skip
+        front = haproxy("127.0.0.1", daemon.port, "send-proxy-v2")
+        wait_for_port("127.0.0.1", front)
+        transcript = swaks_tls_on_connect(front, "127.0.0.6", "alice", "Proxy-Tls-5")
+        time.sleep(0.3)
+        log = daemon.log_text()
+    assert "<~  220 mx.test ESMTP ofmipd" in transcript, transcript  # ~: over TLS
+    ((_, message),) = captured_messages(capture)
+    received = message.split(b"\r\n\r\n", 1)[0].decode()
+    assert "[127.0.0.6]" in received and "with ESMTPSA" in received, received
+    (end,) = [x for x in log.splitlines() if "end client=127.0.0.6 " in x]
+    assert "source=proxy-v2 tls=yes user=alice" in end and "messages=1" in end, end
+
+
+def test_one_session_under_tcpserver_behind_haproxy_send_proxy_v2(
+    haproxy: Starter, work: Any
+) -> None:
+    from tests.deploy_support import PASSWORD, USER, make_certificate, received, wait_for_banner
+
+    cert, key, _ = make_certificate(work.root)
+    port = free_port()
+    tcpserver = work.start(
+        [shutil.which("tcpserver") or "/usr/bin/tcpserver", "-R", "-H", "-l", "0",
+         "127.0.0.1", str(port), str(work.ofmipd), "-1", "--hostname", "mx.test",
+         "--ssl", "--ssl-cert", str(cert), "--ssl-key", str(key),
+         "--proxy-protocol", "127.0.0.1", "-a", str(work.users),
+         "--sendmail", str(work.sendmail)],
+        "tcpserver",
+    )  # fmt: skip
+    wait_for_banner("127.0.0.1", port, tcpserver)
+    front = haproxy("127.0.0.1", port, "send-proxy-v2")
+    wait_for_banner("127.0.0.1", front)
+    transcript = swaks_tls_on_connect(front, "127.0.0.7", USER, PASSWORD)
+    assert "<~  220 mx.test ESMTP ofmipd" in transcript, transcript  # ~: over TLS
+    (message,) = work.messages()
+    header = received(message)
+    assert "[127.0.0.7]" in header and "with ESMTPSA" in header, header
+    time.sleep(0.3)
+    (end,) = [x for x in tcpserver.log().splitlines() if "end client=127.0.0.7 " in x]
+    assert "source=proxy-v2 tls=yes" in end and "result=authenticated" in end, end

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from ofmipd import smtp
 from ofmipd.assemble import build_app
 from ofmipd.cli import build_parser, config_from_args
+from ofmipd.identity import ClientIdentity
 from ofmipd.smtp import SubmissionServer
 
 
@@ -25,7 +26,7 @@ def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
     app = build_app(config_from_args(args))
 
     async def both() -> tuple[SubmissionServer, SMTP]:
-        ours = SubmissionServer(app, lambda transport: None)  # type: ignore[arg-type,return-value]
+        ours = SubmissionServer(app, ClientIdentity(ip=""))
         reference = SMTP.__new__(SubmissionServer)
         SMTP.__init__(
             reference,
