@@ -375,7 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().removeHandler(early)
     logs.replay_later(early.records)
     if args.check_config:
+        from ofmipd.access import report
+
+        try:
+            privileges = report(app)
+        except ConfigError as error:
+            return fail(str(error))
         print(app.describe())
+        print("\n".join(privileges))
         return 0
     if config.one_session:
         from ofmipd.stdio import exit_without_teardown, serve_one_session
