@@ -189,10 +189,18 @@ def build_chain(config: Config) -> Chain:
 def build_delivery(config: Config) -> Delivery:
     target: Target
     if config.maildir:
+        owner = None
+        if config.username and os.geteuid() == 0:
+            from ofmipd.privileges import lookup
+
+            user = lookup(config.username)  # the Maildir is theirs: they deliver into it
+            owner = (user.uid, user.gid)
         try:
-            target = MaildirTarget(config.maildir)
+            target = MaildirTarget(config.maildir, owner)
         except OSError as error:
-            raise ConfigError(f"--maildir {config.maildir}: {error.strerror}") from None
+            named = error.filename not in (None, os.path.abspath(config.maildir))
+            where = f"{error.filename}: " if named else ""
+            raise ConfigError(f"--maildir {config.maildir}: {where}{error.strerror}") from None
     else:
         program = config.sendmail_program
         target = SendmailTarget(program, config.delivery_timeout)

@@ -416,7 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().removeHandler(early)
     logs.replay_later(early.records)
     if args.check_config:
+        from ofmipd.access import report
+
+        try:
+            privileges = report(app)
+        except ConfigError as error:
+            return fail(str(error))
         print(app.describe())
+        print("\n".join(privileges))
         # What start-up would log as warnings (a readable config or password file).
         for record in early.records:
             if record.levelno >= logging.WARNING:

@@ -8,12 +8,14 @@ is a 4xx, so the client keeps responsibility for the message.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
 import re
 import shlex
 import socket
+import stat
 import time
 from typing import NamedTuple, Protocol
 
@@ -111,15 +113,35 @@ class SendmailTarget:
 
 
 class MaildirTarget:
-    """Maildir delivery: write tmp/, fsync, rename into new/, fsync the directory."""
+    """Maildir delivery: write tmp/, fsync, rename into new/, fsync the directory.
+
+    Every step is relative to a directory descriptor opened with O_NOFOLLOW, so a symbolic
+    link at the Maildir itself, at tmp/ or new/, or at a message's name is refused, never
+    followed: ofmipd may run as root, and whoever plants a link chooses where it points.
+    Directories it creates belong to `owner` (the -u user), who delivers after the drop.
+    """
 
     name = "maildir"
     _counter = itertools.count()
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+    def __init__(self, path: str, owner: tuple[int, int] | None = None) -> None:
+        self.path = os.path.abspath(path)  # a daemon may change directory later
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)  # the admin's own path
+        made = _make_dir(self.path, None)
+        root = _open_dir(self.path, None)
+        try:
+            if made:
+                _give(root, owner)
+            for sub in ("tmp", "new", "cur"):
+                made = _make_dir(sub, root)
+                fd = _open_dir(sub, root)
+                try:
+                    if made:
+                        _give(fd, owner)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(root)
 
     def _unique(self) -> str:
         now = time.time()
@@ -130,28 +152,103 @@ class MaildirTarget:
 
     def _write(self, content: bytes) -> None:
         name = self._unique()
-        tmp = os.path.join(self.path, "tmp", name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        root = _open_dir(self.path, None)
         try:
-            # Maildir holds LF-terminated messages, as local delivery agents write them.
-            os.write(fd, content.replace(b"\r\n", b"\n"))
-            os.fsync(fd)
+            tmp = _open_dir("tmp", root)
+            try:
+                new = _open_dir("new", root)
+                try:
+                    # Maildir holds LF-terminated messages, as local delivery agents write.
+                    _write_new_file(name, tmp, content.replace(b"\r\n", b"\n"))
+                    try:
+                        os.rename(name, name, src_dir_fd=tmp, dst_dir_fd=new)  # renameat(2)
+                    except OSError:
+                        _remove(name, tmp)
+                        raise
+                    os.fsync(new)
+                finally:
+                    os.close(new)
+            finally:
+                os.close(tmp)
         finally:
-            os.close(fd)
-        os.rename(tmp, os.path.join(self.path, "new", name))
-        dirfd = os.open(os.path.join(self.path, "new"), os.O_RDONLY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+            os.close(root)
 
     async def deliver(self, submission: Submission) -> str:
         try:
             await asyncio.to_thread(self._write, submission.content)
         except OSError as error:
-            log.error("%s: maildir %s: %s", submission.queue_id, self.path, error.strerror)
+            where = f"{error.filename}: " if error.filename and error.filename != self.path else ""
+            log.error(
+                "%s: maildir %s: %s%s; message not accepted",
+                submission.queue_id,
+                self.path,
+                where,
+                error.strerror,
+            )
             return INJECTOR_FAILED
         return ACCEPTED.format(queue_id=submission.queue_id)
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(name: str, dir_fd: int | None) -> int:
+    """A descriptor for the directory `name`; OSError naming it if it is anything else."""
+    try:
+        return os.open(name, _DIRECTORY, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno in (errno.ENOTDIR, errno.ELOOP):
+            try:
+                link = stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+            except OSError:
+                link = False
+            if link:
+                raise OSError(errno.ELOOP, "is a symbolic link, refused", name) from None
+        raise OSError(error.errno, error.strerror, name) from None
+
+
+def _make_dir(name: str, dir_fd: int | None) -> bool:
+    """mkdir, 0700; False if something is already there (_open_dir then judges it)."""
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        return False
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, name) from None
+    return True
+
+
+def _give(fd: int, owner: tuple[int, int] | None) -> None:
+    """A directory we just made goes to the -u user, if we are root and it is not us."""
+    if owner is not None and os.geteuid() == 0 and owner != (os.geteuid(), os.getegid()):
+        os.fchown(fd, *owner)
+
+
+def _write_new_file(name: str, dir_fd: int, data: bytes) -> None:
+    # O_EXCL never opens an existing name, a symbolic link included.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, f"tmp/{name}") from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        _remove(name, dir_fd)
+        raise
+    os.close(fd)
+
+
+def _remove(name: str, dir_fd: int) -> None:
+    """Leave no half-written file in tmp/; the error that caused it is the one to report."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
 
 
 class Delivery:

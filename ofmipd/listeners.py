@@ -19,7 +19,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from ofmipd import connection, identity
+from ofmipd import connection, identity, privileges
 from ofmipd.assemble import App, build_app
 from ofmipd.config import Config, Listen
 from ofmipd.errors import ConfigError, one_line
@@ -56,22 +56,6 @@ def bind(listen: Listen) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on {listen}: {error.strerror}") from None
     return sock
-
-
-def drop_privileges(username: str) -> None:
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(username)
-    except KeyError:
-        raise ConfigError(f"--username {username}: no such user") from None
-    if os.getuid() != 0:
-        if os.getuid() != entry.pw_uid:
-            raise ConfigError(f"--username {username}: only root can change user")
-        return
-    os.setgroups([])
-    os.setgid(entry.pw_gid)
-    os.setuid(entry.pw_uid)
 
 
 def daemonize() -> None:
@@ -260,7 +244,7 @@ def serve_daemon(app: App, config_loader: Callable[[], Config]) -> int:
     try:
         sockets = systemd_sockets() or [bind(listen) for listen in config.listeners]
         if config.username:
-            drop_privileges(config.username)
+            privileges.drop(config.username)
     except ConfigError as error:
         print(f"ofmipd: {error}", file=sys.stderr)
         return 2

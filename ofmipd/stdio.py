@@ -169,6 +169,16 @@ def pollable(fd: int) -> bool:
 def serve_one_session(app: App) -> int:
     from ofmipd import logs
 
+    if app.config.username:
+        # Before the first client byte: the App (TLS key, authfile) was built as root.
+        from ofmipd import privileges
+        from ofmipd.errors import ConfigError
+
+        try:
+            privileges.drop(app.config.username)
+        except ConfigError as error:
+            print(f"ofmipd: {error}", file=sys.stderr)
+            return 2
     if app.implicit_tls_context is not None and not stat.S_ISSOCK(os.fstat(0).st_mode):
         print(
             "ofmipd: --ssl with -1 needs stdin to be a socket (use stunnel for pipes)",

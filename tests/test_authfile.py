@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -264,6 +265,50 @@ def test_file_removed_or_mode_broken_after_start_gives_tempfail(
     make_file()
     assert verify(backend, "alice", "s3cret", client).verdict is Verdict.ACCEPT
     assert any("usable again" in r.getMessage() for r in caplog.records)
+
+
+def test_mode_is_checked_on_the_descriptor_read_not_on_the_path(make_file, client) -> None:
+    """A world-readable file swapped in while the 0600 one is being checked must never
+    supply the passwords: the check and the read are one descriptor."""
+    path = make_file("Alice:s3cret\n")
+    intruder = make_file("Alice:stolen\n", mode=0o644, name="intruder")
+
+    class SwapDuringCheck(AuthFile):
+        armed = False
+
+        def _check_mode(self, st: os.stat_result) -> None:
+            super()._check_mode(st)
+            if self.armed:  # the race, made deterministic: the swap lands inside the check
+                self.armed = False
+                os.replace(intruder, path)
+
+    backend = SwapDuringCheck(str(path))
+    path.write_text("Alice:s3cret\n# edited\n")  # an edit, so the next login reads it again
+    backend.armed = True
+    first = verify(backend, "Alice", "stolen", client)
+    second = verify(backend, "Alice", "stolen", client)
+    assert first.verdict is Verdict.REJECT  # read from the 0600 file that was checked
+    assert second.verdict is Verdict.TEMPFAIL
+    assert second.reason == f"authfile {path} has mode 0644; it must be 0400 or 0600"
+
+
+def test_fifo_in_place_of_the_file_is_refused_without_waiting(tmp_path: Path, client) -> None:
+    fifo = tmp_path / "users"
+    os.mkfifo(fifo, 0o600)
+    outcome: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            AuthFile(str(fifo))
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            outcome.append(error)
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+    starter.join(10)
+    assert not starter.is_alive(), "opening a FIFO waited for a writer"
+    assert isinstance(outcome[0], ConfigError)
+    assert str(outcome[0]) == f"authfile {fifo}: not a regular file"
 
 
 def test_ten_thousand_users_parsed_once_and_looked_up_in_constant_time(make_file, client) -> None:
