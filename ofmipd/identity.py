@@ -7,6 +7,7 @@ tested without a network.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
@@ -66,6 +67,21 @@ def normalise_ip(text: str | None) -> str:
         return ""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return str(address.ipv4_mapped)
+    return str(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def address_group(ip: str) -> str:
+    """What one client holds, for counting: an IPv4 address, or an IPv6 /64, since one
+    host or subscriber is given a whole /64 and can rotate through it at will."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
 
 

@@ -175,16 +175,18 @@ class Daemon:
             ticket.release()  # now, rather than when the done callback runs
 
     def admit(self, ticket: Ticket, client: identity.ClientIdentity) -> bool:
-        """Simultaneous sessions per client address: the socket peer's, or the one a
+        """Simultaneous sessions per client address (IPv6: per /64): the socket peer's, or the one a
         trusted PROXY header names (the proxy's own address carries many clients and is
         not counted; so is an unknown client, for want of an address to count)."""
         ip = client.ip
         proxies = self.app.proxy_trust
         if not ip or (proxies is not None and proxies.contains(ip)):
             return True
-        if ticket.count(ip, self.app.config.per_ip_limit):
+        group = identity.address_group(ip)  # an IPv6 client by its /64
+        if ticket.count(group, self.app.config.per_ip_limit):
             return True
-        log.warning("refused %s: %d sessions already", ip, self.table.per_ip[ip])
+        within = f" in {group}" if group != ip else ""
+        log.warning("refused %s: %d sessions already%s", ip, self.table.per_ip[group], within)
         return False
 
     def reload(self) -> None:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ofmipd.errors import ConfigError
+from ofmipd.identity import address_group
 from ofmipd.store import Blocked, Grant, Ladder, Limit, MemoryStore, Store, StoreDown
 
 if TYPE_CHECKING:
@@ -80,20 +81,9 @@ class Ticket(NamedTuple):
     known: str | None = None  # the known-good record of this address and name: its time
 
 
-@functools.lru_cache(maxsize=4096)
 def ip_key(ip: str) -> str:
     """The key of a client address: IPv6 by /64, since one attacker holds a whole /64."""
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return "ip:" + ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return f"ip:{address.ipv4_mapped}"
-        return f"ip:{ipaddress.IPv6Network((address, 64), strict=False)}"
-    return f"ip:{address}"
+    return "ip:" + address_group(ip)
 
 
 def fold_user(user: str) -> str:

@@ -61,12 +61,7 @@ def open_dir(path: str, owner: Owner) -> int:
         pass
     except OSError as error:
         raise Unusable(f"cannot create {path}: {error.strerror}") from None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        if os.path.islink(path):
-            raise Unusable(f"{path} is a symlink") from None
-        raise Unusable(f"cannot open {path}: {error.strerror}") from None
+    fd = _open_no_symlink(path, path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if st.st_uid != owner.uid and os.geteuid() == 0:
@@ -81,6 +76,16 @@ def open_dir(path: str, owner: Owner) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _open_no_symlink(path: str, name: str, flags: int, dir_fd: int | None = None) -> int:
+    """os.open with O_NOFOLLOW in `flags`; a failure says whether a symlink was the cause."""
+    try:
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except OSError as error:
+        if os.path.islink(path):
+            raise Unusable(f"{path} is a symlink") from None
+        raise Unusable(f"cannot open {path}: {error.strerror}") from None
 
 
 def _hand_over(dir_fd: int, owner: Owner) -> None:
@@ -103,12 +108,7 @@ def open_file(dir_fd: int, directory: str, name: str, owner: Owner) -> None:
     """Create `name` (0600, owned by `owner`) or check it: a regular file, not a symlink."""
     path = os.path.join(directory, name)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
-    except OSError as error:
-        if os.path.islink(path):
-            raise Unusable(f"{path} is a symlink") from None
-        raise Unusable(f"cannot open {path}: {error.strerror}") from None
+    fd = _open_no_symlink(path, name, flags, dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

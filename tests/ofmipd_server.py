@@ -117,6 +117,14 @@ class Daemon:
         return self.proc.returncode
 
 
+def authfile(tmp_path: Path, text: str) -> Path:
+    """An authfile (`user:password` lines) as ofmipd wants it: mode 0600."""
+    path = tmp_path / "users"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def start_daemon(tmp_path: Path, users: Path, capture: Path, *args: str) -> Daemon:
     """A daemon on a free port: the authfile `users`, the capture injector, and `args`."""
     from tests.conftest import free_port

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.ofmipd_server import Daemon, captured_messages, ofmipd_command, server_env, start_daemon
+from tests.ofmipd_server import (
+    Daemon,
+    authfile,
+    captured_messages,
+    ofmipd_command,
+    server_env,
+    start_daemon,
+)
 
 PASSWORD = "Bare-Newline-9"
 AUTH = b"AUTH PLAIN " + base64.b64encode(b"\0erin\0" + PASSWORD.encode())
@@ -33,10 +40,7 @@ SMUGGLING = (
 
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users"
-    path.write_text(f"erin:{PASSWORD}\n")
-    path.chmod(0o600)
-    return path
+    return authfile(tmp_path, f"erin:{PASSWORD}\n")
 
 
 def send(daemon: Daemon, *messages: bytes) -> list[bytes]:

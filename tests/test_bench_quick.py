@@ -45,17 +45,20 @@ def test_quick_bench_completes_every_session(tmp_path):
         shutil.rmtree(scratch, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
-    seen = set()
+    cpu: dict[str, float] = {}
     for key, runs in data["results"].items():
         delivery, tls, concurrency, system = key.split("|")
-        seen.add(system)
         assert len(runs) == data["runs"], key
         for run in runs:
             assert run["sessions"] >= 6, key
             assert run["concurrency"] == int(concurrency), key
             assert run["rate"] > 0, key
-            assert run["cpu_ms"] > 0, key  # the server's processes were found and measured
-    assert seen == SYSTEMS
+            assert run["cpu_ms"] >= 0, key
+            cpu[system] = cpu.get(system, 0.0) + run["cpu_ms"]
+    assert set(cpu) == SYSTEMS
+    # The server's processes were found and measured. Summed over its runs: CPU time
+    # comes in clock ticks (10 ms), more than a quick run of a lean server may use.
+    assert all(total > 0 for total in cpu.values()), cpu
     # every system measured at every point: 2 sweep points + 3 variants
     assert len(data["results"]) == len(SYSTEMS) * 5
     side = data["side"]

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import pytest
 
-from tests.ofmipd_server import CAPTURE, Daemon, ofmipd_command, server_env, start_daemon
+from tests.ofmipd_server import CAPTURE, Daemon, authfile, ofmipd_command, server_env, start_daemon
 from tests.tls_support import client_context, make_certificate
 
 PASSWORD = "Limits-Pass-4"
@@ -23,10 +23,7 @@ PASSWORD = "Limits-Pass-4"
 
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users"
-    path.write_text(f"lena:{PASSWORD}\n")
-    path.chmod(0o600)
-    return path
+    return authfile(tmp_path, f"lena:{PASSWORD}\n")
 
 
 def status(daemon: Daemon, timeout: float = 10.0) -> str:
@@ -74,7 +71,8 @@ def proxied(daemon: Daemon, client_ip: str) -> tuple[socket.socket, bytes]:
     """A connection from the trusted proxy (127.0.0.1) naming CLIENT_IP; returns the
     socket and the first line the server sent (b"" if it closed)."""
     sock = connect(daemon)
-    sock.sendall(f"PROXY TCP4 {client_ip} 127.0.0.1 40000 587\r\n".encode())
+    family, server = ("TCP6", "2001:db8::25") if ":" in client_ip else ("TCP4", "127.0.0.1")
+    sock.sendall(f"PROXY {family} {client_ip} {server} 40000 587\r\n".encode())
     return sock, sock.makefile("rb").readline()
 
 
@@ -124,6 +122,25 @@ def test_max_per_ip_counts_the_client_a_trusted_proxy_names(tmp_path, users, cap
             sock.close()
         line = settled_status(daemon)
     assert "refused 192.0.2.7: 2 sessions already" in daemon.log_text()
+    assert "per client address: none" in line, line
+
+
+def test_ipv6_clients_are_counted_per_64(tmp_path, users, capture):
+    # One subscriber holds a whole /64: rotating addresses inside it is still one client.
+    with start_daemon(
+        tmp_path, users, capture, "--proxy-protocol", "127.0.0.1", "--max-per-ip", "2"
+    ) as daemon:
+        first, banner1 = proxied(daemon, "2001:db8:1:2::a")
+        second, banner2 = proxied(daemon, "2001:db8:1:2:ffff::b")
+        third, refusal = proxied(daemon, "2001:db8:1:2::c")
+        neighbour, banner3 = proxied(daemon, "2001:db8:1:3::a")  # the next /64
+        assert [banner1[:4], banner2[:4], banner3[:4]] == [b"220 "] * 3
+        assert refusal.startswith(b"421 4.7.0"), refusal
+        for sock in (first, second, third, neighbour):
+            sock.close()
+        line = settled_status(daemon)
+    log = daemon.log_text()
+    assert "refused 2001:db8:1:2::c: 2 sessions already in 2001:db8:1:2::/64" in log
     assert "per client address: none" in line, line
 
 

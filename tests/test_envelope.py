@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ofmipd import cli, identity
+from ofmipd import cli, connection
 from ofmipd.assemble import build_app
 from ofmipd.smtp import SubmissionServer
 from tests.conftest import free_port
@@ -195,10 +195,6 @@ def test_an_exception_in_a_handler_resets_the_transaction(
 
     app.delivery.deliver = fails_once  # type: ignore[method-assign]
 
-    def identify(transport: asyncio.BaseTransport) -> identity.ClientIdentity:
-        extra = transport.get_extra_info
-        return identity.from_socket(extra("peername"), extra("sockname"))
-
     def client(port: int) -> list[tuple[int, bytes]]:
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
             smtp.ehlo("client.test")
@@ -211,11 +207,17 @@ def test_an_exception_in_a_handler_resets_the_transaction(
 
     async def main() -> list[tuple[int, bytes]]:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: SubmissionServer(app, identify), "127.0.0.1", 0)
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        talking = asyncio.create_task(asyncio.to_thread(client, listener.getsockname()[1]))
+        conn, _ = await loop.sock_accept(listener)
+        server = SubmissionServer(app, connection.socket_client(app, conn))
+        serving = asyncio.create_task(connection.serve(server, conn))
         try:
-            return await asyncio.to_thread(client, server.sockets[0].getsockname()[1])
+            return await talking
         finally:
-            server.close()
+            await serving
+            listener.close()
 
     got = asyncio.run(main())
     assert [code for code, _ in got] == [250, 250, 451, 250, 250, 250], got

@@ -18,7 +18,8 @@ from test_fail2ban import f2b_conf, fail2ban_regex  # noqa: F401 (f2b_conf is a 
 
 from tests import ldap_server
 from tests.conftest import free_port
-from tests.ofmipd_server import CAPTURE, Daemon, ofmipd_command, server_env, start_daemon
+from tests.ofmipd_server import CAPTURE, Daemon, authfile, ofmipd_command, server_env
+from tests.ofmipd_server import start_daemon as start_any_daemon
 
 slapd = ldap_server.slapd
 COUNTED = str(Path(__file__).parent / "checkpw_progs" / "counted")
@@ -27,10 +28,7 @@ PASSWORD = "Right-Pw-12"
 
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users"
-    path.write_text(f"alice:{PASSWORD}\nbob:bob-Pw-34\n")
-    path.chmod(0o600)
-    return path
+    return authfile(tmp_path, f"alice:{PASSWORD}\nbob:bob-Pw-34\n")
 
 
 def plain(user: str, password: str) -> bytes:
@@ -76,6 +74,13 @@ def login(port: int, user: str, password: str, **where: str) -> str:
         return session.command(b"AUTH PLAIN " + plain(user, password))[:3].decode()
     finally:
         session.close()
+
+
+def start_daemon(tmp_path: Path, users: Path, capture: Path, *args: str) -> Daemon:
+    """A daemon with default guessing limits. These tests make dozens of connections from
+    127.0.0.1, which the default --max-per-ip (tests/test_connection_limits.py) would
+    refuse while earlier sessions are still closing: allow more simultaneous ones."""
+    return start_any_daemon(tmp_path, users, capture, "--max-per-ip", "50", *args)
 
 
 def in_parallel(count: int, attempt: Callable[[int], str], threads: int = 8) -> list[str]:

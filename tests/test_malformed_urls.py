@@ -12,17 +12,21 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.ofmipd_server import CAPTURE, Daemon, captured_messages, ofmipd_command, server_env
+from tests.ofmipd_server import (
+    CAPTURE,
+    Daemon,
+    authfile,
+    captured_messages,
+    ofmipd_command,
+    server_env,
+)
 
 PASSWORD = "Reload-Pw-5"
 
 
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users"
-    path.write_text(f"erin:{PASSWORD}\n")
-    path.chmod(0o600)
-    return path
+    return authfile(tmp_path, f"erin:{PASSWORD}\n")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.ofmipd_server import CAPTURE, Daemon, ofmipd_command, server_env
+from tests.ofmipd_server import CAPTURE, Daemon, authfile, ofmipd_command, server_env
 
 SECRET = "Quokka-Redis-Secret-8841"  # distinctive: a leak cannot hide in other text
 PASSWORD = "Erin-Login-Pw-3"
@@ -23,10 +23,7 @@ PASSWORD = "Erin-Login-Pw-3"
 
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users"
-    path.write_text(f"erin:{PASSWORD}\n")
-    path.chmod(0o600)
-    return path
+    return authfile(tmp_path, f"erin:{PASSWORD}\n")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from ofmipd.errors import ConfigError
 from ofmipd.senders import SenderMap
 from tests.conftest import free_port
-from tests.ofmipd_server import CAPTURE, Daemon, ofmipd_command, server_env
+from tests.ofmipd_server import CAPTURE, Daemon, authfile, ofmipd_command, server_env
 
 PASSWORD = "Sender-Map-7"
 # A tab after the user name and spaces in the address list: the line that used to be
@@ -65,10 +65,7 @@ def test_line_that_cannot_mean_what_it_seems_is_refused(line: str, fragment: str
 
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users"
-    path.write_text(f"gina:{PASSWORD}\n")
-    path.chmod(0o600)
-    return path
+    return authfile(tmp_path, f"gina:{PASSWORD}\n")
 
 
 def test_daemon_applies_tab_separated_line(tmp_path: Path, users: Path) -> None:

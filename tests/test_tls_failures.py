@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.ofmipd_server import CAPTURE, Daemon, ofmipd_command, server_env, start_daemon
+from tests.ofmipd_server import CAPTURE, Daemon, authfile, ofmipd_command, server_env, start_daemon
 from tests.tls_support import client_context, make_certificate
 
 PASSWORD = "Tls-Fail-31"
@@ -21,10 +21,7 @@ PASSWORD = "Tls-Fail-31"
 
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users"
-    path.write_text(f"tina:{PASSWORD}\n")
-    path.chmod(0o600)
-    return path
+    return authfile(tmp_path, f"tina:{PASSWORD}\n")
 
 
 @pytest.fixture

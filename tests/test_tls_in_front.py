@@ -14,6 +14,7 @@ import pytest
 
 from tests.ofmipd_server import (
     CAPTURE,
+    authfile,
     captured_messages,
     ofmipd_command,
     server_env,
@@ -26,10 +27,7 @@ PLAIN = base64.b64encode(f"\0ulla\0{PASSWORD}".encode())
 
 @pytest.fixture
 def users(tmp_path: Path) -> Path:
-    path = tmp_path / "users"
-    path.write_text(f"ulla:{PASSWORD}\n")
-    path.chmod(0o600)
-    return path
+    return authfile(tmp_path, f"ulla:{PASSWORD}\n")
 
 
 @pytest.fixture
