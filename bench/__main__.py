@@ -313,6 +313,7 @@ def main() -> int:
         ws = Workspace(temp)
         bench = Bench(args, ws, procs)
         bench.run()
+        systems.check_logs(ws)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         return 130

@@ -58,6 +58,15 @@ def wait_for_port(
     raise TimeoutError(f"no answer from 127.0.0.1:{port}")
 
 
+def check_logs(ws: Workspace) -> None:
+    """Raise if a server logged an error: a figure measured with a fallback (a rate-limit
+    store that could not be opened, say) is not the figure it claims to be."""
+    for log in sorted(ws.logs.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if " ERROR " in line:
+                raise RuntimeError(f"{log.name}: {line}")
+
+
 def env() -> dict[str, str]:
     out = dict(os.environ)
     out["PYTHONPATH"] = str(ROOT)
@@ -94,6 +103,8 @@ class Workspace:
         # All load comes from 127.0.0.1; ofmipd's per-address limit (default 10) would refuse it.
         self.config = root / "ofmipd.toml"
         self.config.write_text("max_per_ip = 100000\n")
+        self.config.chmod(0o600)
+        (root / "state").mkdir(mode=0o700, exist_ok=True)  # each system's state dir is in it
         self.logs = root / "logs"
         self.logs.mkdir(exist_ok=True)
 

@@ -31,6 +31,7 @@ says which in one log line at most once a minute.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import math
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ofmipd.errors import ConfigError
 from ofmipd.identity import address_group
-from ofmipd.store import Blocked, Grant, Ladder, Limit, MemoryStore, Store, StoreDown
+from ofmipd.store import Grant, Ladder, Limit, MemoryStore, Store, StoreDown
 
 if TYPE_CHECKING:
     from ofmipd.auth import Decision
@@ -163,6 +164,7 @@ class LoginLimiter:
         self._down_since: float | None = None
         self._last_down_log = -math.inf
         self._abandoned: set[asyncio.Task[Any]] = set()
+        self._lines: dict[str, collections.deque[asyncio.Event]] = {}  # see _begin
 
     def describe(self) -> str:
         policy = self.policy
@@ -201,6 +203,7 @@ class LoginLimiter:
         else:
             if ticket.store is self.store:
                 self._store_up()
+        self._wake(ticket.ip)
         lockout: Refusal | None = None
         for limit, seconds in zip(ticket.grant.limits, started, strict=True):
             if seconds > 0 and (lockout is None or seconds > lockout.retry_after):
@@ -216,6 +219,7 @@ class LoginLimiter:
                 await ticket.store.settle(ticket.grant, 0)
             except StoreDown:
                 pass  # the hold expires by itself
+            self._wake(ticket.ip)
 
         task = asyncio.get_running_loop().create_task(release())
         self._abandoned.add(task)
@@ -238,18 +242,52 @@ class LoginLimiter:
         known = await store.get(known_key(user, ip)) if user and ip else None
         if user and known is None:
             limits.append(self.policy.limit(user_key(user)))
-        waited, pause = 0.0, 0.05
-        while True:
-            result = await store.reserve(limits, UNIT, self.hold)
-            if isinstance(result, Grant):
-                return Ticket(store, result, ip, user, known)
-            kind = "ip" if result.key.startswith("ip:") else "user"
-            if result.locked:
-                return self._refusal(kind, ip, result.seconds)
-            if waited + pause > self.wait:
-                return self._busy(kind, ip, result)
-            await asyncio.sleep(pause)  # others from here are in flight: wait for room
-            waited, pause = waited + pause, min(pause * 2, 0.5)
+        # AUTHs from one address that find no room wait in line, in order of arrival: a
+        # waiter that only polled would lose each freed slot to newcomers, and under a
+        # busy NAT's steady load time out while room came up all the time. Only the head
+        # of the line asks the store; it is woken when a slot here is freed, and polls for
+        # slots other processes free.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait
+        line_key = ip_key(ip) if ip else ""
+        line = self._lines.setdefault(line_key, collections.deque())
+        turn = asyncio.Event()
+        line.append(turn)
+        pause = 0.05
+        try:
+            while True:
+                turn.clear()  # before asking: a slot freed meanwhile sets it again
+                if line[0] is turn:
+                    result = await store.reserve(limits, UNIT, self.hold)
+                    if isinstance(result, Grant):
+                        return Ticket(store, result, ip, user, known)
+                    kind = "ip" if result.key.startswith("ip:") else "user"
+                    if result.locked:
+                        return self._refusal(kind, ip, result.seconds)
+                    if loop.time() + pause > deadline:
+                        return self._busy(kind, ip, result.seconds)
+                    timeout, pause = pause, min(pause * 2, 0.5)
+                else:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        return self._busy("ip", ip, 1.0)
+                try:
+                    await asyncio.wait_for(turn.wait(), timeout)
+                except TimeoutError:
+                    pass
+        finally:
+            head = line[0] is turn
+            line.remove(turn)
+            if not line:
+                del self._lines[line_key]
+            elif head:
+                line[0].set()  # the next in line asks at once: there may be room for it too
+
+    def _wake(self, ip: str | None) -> None:
+        """A slot of this address was freed here: the head of its line may have it."""
+        line = self._lines.get(ip_key(ip) if ip else "")
+        if line:
+            line[0].set()
 
     def _charge(self, ticket: Ticket, decision: Decision) -> tuple[int, list[str] | None]:
         from ofmipd.auth import Verdict
@@ -311,10 +349,10 @@ class LoginLimiter:
         return Refusal(f"too many failures for this user name, retry in {retry}s", retry, "user")
 
     @staticmethod
-    def _busy(kind: str, ip: str | None, blocked: Blocked) -> Refusal:
+    def _busy(kind: str, ip: str | None, seconds: float) -> Refusal:
         # Not a failure, and not worded as one: fail2ban must not ban a busy NAT.
         where = f"address {ip}" if kind == "ip" else "user name"
-        retry = max(1, math.ceil(blocked.seconds))
+        retry = max(1, math.ceil(seconds))
         return Refusal(f"too many logins in progress for this {where}", retry, "busy")
 
     def _store_down(self, error: StoreDown) -> None:

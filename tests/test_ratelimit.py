@@ -195,6 +195,33 @@ def test_a_waiting_auth_gets_room_when_another_is_released() -> None:
     assert isinstance(asyncio.run(run()), Ticket)
 
 
+def test_auths_waiting_for_room_get_it_in_order_of_arrival() -> None:
+    # A busy NAT or webmail host: logins from one address keep coming, every one of them
+    # right. Room comes up all the time, and the waiters must get it before newcomers,
+    # or under steady load the first waiter can time out (454) while later ones pass.
+    rl = limiter(Clock(), wait=2.0)  # 3 AUTHs of one address in flight at a time
+    granted: list[int] = []
+
+    async def login(number: int) -> Ticket | Refusal:
+        result = await rl.begin("192.0.2.7", f"user{number}")
+        if isinstance(result, Ticket):
+            granted.append(number)
+            await asyncio.sleep(0.02)  # the backend
+            await rl.settle(result, accepted(f"user{number}"))
+        return result
+
+    async def run() -> list[Ticket | Refusal]:
+        tasks = [asyncio.ensure_future(login(n)) for n in range(15)]  # a queue forms
+        for number in range(15, 90):  # then newcomers, as fast as the backend answers
+            await asyncio.sleep(0.007)
+            tasks.append(asyncio.ensure_future(login(number)))
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, Ticket) for r in results), [r for r in results if isinstance(r, Refusal)]
+    assert granted == sorted(granted)
+
+
 def test_reservations_lock_waiters_out_once_they_fail() -> None:
     clock = Clock()
     rl = limiter(clock, wait=5.0)
