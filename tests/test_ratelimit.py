@@ -218,7 +218,9 @@ def test_auths_waiting_for_room_get_it_in_order_of_arrival() -> None:
         return await asyncio.gather(*tasks)
 
     results = asyncio.run(run())
-    assert all(isinstance(r, Ticket) for r in results), [r for r in results if isinstance(r, Refusal)]
+    assert all(isinstance(r, Ticket) for r in results), [
+        r for r in results if isinstance(r, Refusal)
+    ]
     assert granted == sorted(granted)
 
 
