@@ -8,6 +8,7 @@ processes, --workers and reloads all see the same counters.
 Every call runs on one dedicated thread per process, so the event loop never blocks:
 a lock held by another process (a busy timeout of 2 s, then StoreDown) delays only that
 call. Check-and-reserve is one `BEGIN IMMEDIATE` transaction, atomic across processes.
+Writers queue for it on an flock of the state directory first (see _transaction).
 The database is opened on first use, after the privilege drop, so its files belong to
 the run user; and again after any error, so a repaired file is picked up. Rows whose
 time is over are pruned now and then by whichever process happens to be writing.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +68,7 @@ class SQLiteStore:
         self._executor: ThreadPoolExecutor | None = None
         self._pid = 0
         self._db: Any = None  # sqlite3.Connection, touched by the store's thread only
+        self._queue: int | None = None  # the state directory, whose flock writers queue on
 
     def describe(self) -> str:
         from ofmipd.logs import printable
@@ -112,6 +115,9 @@ class SQLiteStore:
             # After a fork the parent's thread and connection are not ours to use.
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="ofmipd-store")
             self._pid, self._db = os.getpid(), None
+            if self._queue is not None:  # the parent's: its lock is not ours to take
+                os.close(self._queue)
+                self._queue = None
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self._run, work, args)
         try:
@@ -136,7 +142,11 @@ class SQLiteStore:
     def _connect(self) -> Any:
         import sqlite3
 
+        self._close_db()  # a descriptor left by a failed attempt
         statedir.prepare(self.directory, self.username)  # checks again: it may have changed
+        self._queue = os.open(
+            self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
         db = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=True
         )
@@ -164,19 +174,32 @@ class SQLiteStore:
             with contextlib.suppress(Exception):  # a broken connection may fail to close
                 self._db.close()
             self._db = None
+        if self._queue is not None:
+            os.close(self._queue)
+            self._queue = None
 
-    @staticmethod
-    def _transaction(db: Any, work: Callable[[], Any]) -> Any:
-        # IMMEDIATE takes the write lock first, so a check and the write that depends on it
-        # cannot interleave with another process's.
-        db.execute("BEGIN IMMEDIATE")
+    def _transaction(self, db: Any, work: Callable[[], Any]) -> Any:
+        # Writers of every process queue on an flock first. SQLite's own busy handler polls,
+        # every 100 ms at last, and a process that writes back to back (a busy --workers
+        # sibling) can hold the lock at each poll for the whole busy timeout: the AUTH then
+        # failed open. A blocked flock is woken as soon as the lock is released; the kernel
+        # drops the lock of a process that dies. (On the directory, not the database: closing
+        # any descriptor of the database would drop SQLite's own POSIX locks.)
+        assert self._queue is not None
+        fcntl.flock(self._queue, fcntl.LOCK_EX)
         try:
-            result = work()
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
+            # IMMEDIATE takes the write lock first, so a check and the write that depends
+            # on it cannot interleave with another process's.
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work()
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        finally:
+            fcntl.flock(self._queue, fcntl.LOCK_UN)
 
     def _load(self, key: str, now: float) -> Counter:
         db = self._db
@@ -245,8 +268,11 @@ class SQLiteStore:
         self._db.execute("DELETE FROM records WHERE expires <= ?", (now,))
 
     def _forgive(self, keys: list[str]) -> None:
-        self._db.executemany(
-            "UPDATE counters SET used = 0, window_end = 0 WHERE key = ?", [(k,) for k in keys]
+        self._transaction(
+            self._db,
+            lambda: self._db.executemany(
+                "UPDATE counters SET used = 0, window_end = 0 WHERE key = ?", [(k,) for k in keys]
+            ),
         )
 
     def _get(self, key: str) -> str | None:
@@ -256,6 +282,9 @@ class SQLiteStore:
         return None if row is None else str(row[0])
 
     def _put(self, key: str, value: str, ttl: float) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (key, value, self.clock() + ttl)
+        self._transaction(
+            self._db,
+            lambda: self._db.execute(
+                "INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (key, value, self.clock() + ttl)
+            ),
         )
