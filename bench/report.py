@@ -272,7 +272,9 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         "daemon here gets `--config` with `max_per_ip = 100000`: all load comes from "
         "127.0.0.1, and the default per-address limit (10) would refuse a client that reconnects "
         "before its previous session's slot is released (`ofmipd -1` gets no config file, like "
-        "the bare script). Postfix runs unchrooted with "
+        "the bare script). Guessing limits are on, as by default: each ofmipd system counts "
+        "in a SQLite file of its own (`--state-dir`), and a run fails if any server logged an "
+        "error (a store that fell back to memory, say). Postfix runs unchrooted with "
         "`smtpd_client_connection_count_limit = 0`; Dovecot's passwd-file holds a {PLAIN} "
         "password, like ofmipd's authfile. The scaling set-ups use Debian's haproxy and "
         "redis-server; docs/scaling.md explains the arrangement.",

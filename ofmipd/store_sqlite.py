@@ -147,17 +147,24 @@ class SQLiteStore:
         self._queue = os.open(
             self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         )
-        db = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=True
-        )
+        # Under the writers' flock: two processes opening a new file at once would both
+        # switch it to WAL and create the schema, and SQLite answers one of them "database
+        # is locked" at once, without waiting.
+        fcntl.flock(self._queue, fcntl.LOCK_EX)
         try:
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                self._transaction(db, lambda: self._create(db))
-        except BaseException:
-            db.close()
-            raise
+            db = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=True
+            )
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")
+                if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                    self._transaction(db, lambda: self._create(db))
+            except BaseException:
+                db.close()
+                raise
+        finally:
+            fcntl.flock(self._queue, fcntl.LOCK_UN)
         self.problem = None
         return db
 
@@ -178,7 +185,7 @@ class SQLiteStore:
             os.close(self._queue)
             self._queue = None
 
-    def _transaction(self, db: Any, work: Callable[[], Any]) -> Any:
+    def _write(self, work: Callable[[], Any]) -> Any:
         # Writers of every process queue on an flock first. SQLite's own busy handler polls,
         # every 100 ms at last, and a process that writes back to back (a busy --workers
         # sibling) can hold the lock at each poll for the whole busy timeout: the AUTH then
@@ -188,18 +195,22 @@ class SQLiteStore:
         assert self._queue is not None
         fcntl.flock(self._queue, fcntl.LOCK_EX)
         try:
-            # IMMEDIATE takes the write lock first, so a check and the write that depends
-            # on it cannot interleave with another process's.
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work()
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
+            return self._transaction(self._db, work)
         finally:
             fcntl.flock(self._queue, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _transaction(db: Any, work: Callable[[], Any]) -> Any:
+        # IMMEDIATE takes the write lock first, so a check and the write that depends on it
+        # cannot interleave with another process's.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work()
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
 
     def _load(self, key: str, now: float) -> Counter:
         db = self._db
@@ -239,7 +250,7 @@ class SQLiteStore:
             )
             return grant
 
-        result: Grant | Blocked = self._transaction(self._db, work)
+        result: Grant | Blocked = self._write(work)
         return result
 
     def _settle(self, grant: Grant, charge: int, keys: set[str] | None) -> list[float]:
@@ -259,7 +270,7 @@ class SQLiteStore:
                 self._prune(now)
             return started
 
-        started: list[float] = self._transaction(self._db, work)
+        started: list[float] = self._write(work)
         return started
 
     def _prune(self, now: float) -> None:
@@ -268,8 +279,7 @@ class SQLiteStore:
         self._db.execute("DELETE FROM records WHERE expires <= ?", (now,))
 
     def _forgive(self, keys: list[str]) -> None:
-        self._transaction(
-            self._db,
+        self._write(
             lambda: self._db.executemany(
                 "UPDATE counters SET used = 0, window_end = 0 WHERE key = ?", [(k,) for k in keys]
             ),
@@ -282,8 +292,7 @@ class SQLiteStore:
         return None if row is None else str(row[0])
 
     def _put(self, key: str, value: str, ttl: float) -> None:
-        self._transaction(
-            self._db,
+        self._write(
             lambda: self._db.execute(
                 "INSERT OR REPLACE INTO records VALUES (?, ?, ?)", (key, value, self.clock() + ttl)
             ),

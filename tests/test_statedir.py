@@ -219,3 +219,37 @@ def test_a_process_writing_back_to_back_cannot_starve_another(tmp_path: Path) ->
         assert sibling.poll() is None  # it was writing all along
     finally:
         sibling.wait(10)
+
+
+FIRST_USE = """
+import asyncio, sys, time
+from ofmipd.store import Ladder, Limit, StoreDown
+from ofmipd.store_sqlite import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+limit = Limit("ip:192.0.2.7", 100, 60.0, Ladder(60.0, 3600.0, 3600.0))
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all at once
+try:
+    asyncio.run(store.reserve([limit], 1, 30.0))
+    print("ok")
+except StoreDown as error:
+    print(error)
+"""
+
+
+def test_processes_opening_a_new_database_at_once_all_use_it(tmp_path: Path) -> None:
+    # --workers siblings, or one-session processes, at their first AUTH on a new file:
+    # each switches it to WAL and creates the schema, which must not fail any of them.
+    state = tmp_path / "state"
+    SQLiteStore(str(state))  # the directory and an empty file, as at start-up
+    start = time.time() + 1.5
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_USE, str(state), str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    answers = [proc.communicate(timeout=60)[0].strip() for proc in procs]
+    assert answers == ["ok"] * 8
