@@ -8,7 +8,7 @@ processes, --workers and reloads all see the same counters.
 Every call runs on one dedicated thread per process, so the event loop never blocks:
 a lock held by another process (a busy timeout of 2 s, then StoreDown) delays only that
 call. Check-and-reserve is one `BEGIN IMMEDIATE` transaction, atomic across processes.
-Writers queue for it on an flock of the state directory first (see _transaction).
+Writers queue for it on an flock of the state directory first (see _write).
 The database is opened on first use, after the privilege drop, so its files belong to
 the run user; and again after any error, so a repaired file is picked up. Rows whose
 time is over are pruned now and then by whichever process happens to be writing.
@@ -114,10 +114,7 @@ class SQLiteStore:
         if self._executor is None or self._pid != os.getpid():
             # After a fork the parent's thread and connection are not ours to use.
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="ofmipd-store")
-            self._pid, self._db = os.getpid(), None
-            if self._queue is not None:  # the parent's: its lock is not ours to take
-                os.close(self._queue)
-                self._queue = None
+            self._pid, self._db = os.getpid(), None  # _connect closes the parent's _queue
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self._run, work, args)
         try:
