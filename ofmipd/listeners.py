@@ -20,11 +20,13 @@ import sys
 from collections.abc import Callable
 
 from ofmipd import connection, identity, privileges
-from ofmipd.assemble import App, build_app
+from ofmipd.app import App
+from ofmipd.assemble import build_app
 from ofmipd.config import Config, Listen
 from ofmipd.errors import ConfigError, one_line
 from ofmipd.smtp import SubmissionServer
 from ofmipd.stdio import set_nodelay
+from ofmipd.workers import HELD_SIGNALS
 
 log = logging.getLogger("ofmipd")
 GRACE_SECONDS = 30.0
@@ -230,12 +232,6 @@ class Daemon:
         for server in list(self.sessions):
             server.say_goodbye("421 4.3.2 Service shutting down, try again later")
         log.info("stopped")
-
-
-# A stop, reload or status request that arrives between binding the sockets (clients can
-# connect from then on) and installing the handlers waits, blocked, instead of killing
-# the process.
-HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
 
 def serve_daemon(app: App, config_loader: Callable[[], Config]) -> int:
