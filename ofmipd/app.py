@@ -74,8 +74,7 @@ class NoMetrics:
 class App:
     """Everything a session needs. build_app() fills in the optional parts after creation.
 
-    A plain class rather than a dataclass: defining a dataclass costs about a millisecond,
-    which every `ofmipd -1` process would pay."""
+    A plain class with __slots__, not a dataclass (see the note on records in ofmipd.auth)."""
 
     __slots__ = (
         "config", "hostname", "chain", "delivery", "mechanisms", "starttls_context",
