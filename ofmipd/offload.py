@@ -3,8 +3,8 @@
 Where work runs is a property of the backend, not of its code: the backend calls
 `await offload.run(fn, *args)` and its blocking function runs in a worker thread.
 A worker stuck in a hung library call keeps its slot until the call returns, so a
-hang shows up as queue age, which turns into a TimeoutError the chain reports as
-a temporary failure instead of an ever-growing backlog.
+hang shows up as queue age, which turns into a QueueTimeout the chain reports as
+a temporary failure (naming the queue) instead of an ever-growing backlog.
 """
 
 from __future__ import annotations
