@@ -116,22 +116,21 @@ def test_a_cancelled_waiter_leaves_the_queue(pool) -> None:
     assert free_slots(workers) == 1
 
 
-def test_a_waiter_cancelled_as_its_slot_arrives_passes_it_on(pool) -> None:
+@pytest.mark.parametrize("handed_over", [False, True], ids=["on-its-way", "handed-over"])
+def test_a_waiter_cancelled_as_its_slot_arrives_passes_it_on(pool, handed_over: bool) -> None:
     workers = pool(workers=1)
-    gate = Gate()
 
     async def main() -> str:
-        first = asyncio.create_task(workers.run(gate))
-        await started(gate)
+        assert workers._take_or_queue(asyncio.get_running_loop()) is None  # the one slot
         unlucky = asyncio.create_task(workers.run(str, "unlucky"))
-        await asyncio.sleep(0)
         patient = asyncio.create_task(workers.run(str.upper, "patient"))
         await asyncio.sleep(0)
-        # The slot is handed to `unlucky` (from the worker thread), which is cancelled
-        # before it runs: the slot must go on to `patient`.
-        gate.opened.set()
-        await first
-        unlucky.cancel()
+        assert len(workers._waiters) == 2
+        workers._release()  # as a worker thread does: the slot goes to `unlucky`...
+        if handed_over:
+            await asyncio.sleep(0)  # ...and reaches it, but it has not run yet
+            assert len(workers._waiters) == 1  # only `patient` still waits
+        unlucky.cancel()  # ...which gives up: the slot must go on to `patient`
         with pytest.raises(asyncio.CancelledError):
             await unlucky
         return await asyncio.wait_for(patient, 5)
