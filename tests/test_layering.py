@@ -153,6 +153,13 @@ def test_no_import_cycle_among_our_modules() -> None:
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
+def test_construction_and_the_smtp_layer_do_not_know_each_other() -> None:
+    # Both depend on ofmipd.app instead; the SMTP layer keeps its own handler cache.
+    graph = import_graph(ROOT)
+    assert "ofmipd.smtp" not in graph["ofmipd.assemble"]
+    assert "ofmipd.assemble" not in graph["ofmipd.smtp"]
+
+
 def test_the_graph_sees_what_runs() -> None:
     graph = import_graph(ROOT)
     assert "ofmipd.errors" in graph["ofmipd.config"]  # at module level
