@@ -15,7 +15,7 @@ import stat
 
 from auth_backends import BackendSpec
 from auth_backends.watched_file import Unavailable, WatchedFile
-from ofmipd.auth import Lookup, Outcome, Secret, accept, reject, tempfail
+from ofmipd.auth import Found, Outcome, Secret, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 
@@ -95,12 +95,12 @@ class AuthFile:
             return accept("password matches", name)
         return reject(f"password mismatch for {name} in {self.path}")
 
-    async def lookup_plaintext(self, user: str, client: ClientIdentity) -> Lookup:
+    async def lookup_plaintext(self, user: str, client: ClientIdentity) -> Found | Outcome:
         entry = self._find(user)
         if isinstance(entry, Outcome):
-            return Lookup(entry)
+            return entry
         name, password = entry
-        return Lookup(accept("found", name), Secret(password))
+        return Found(Secret(password), name)
 
 
 def create(spec: BackendSpec) -> AuthFile:

@@ -28,7 +28,7 @@ from auth_backends.watched_file import Unavailable, WatchedFile
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
-from ofmipd.offload import Offload, QueueTimeout
+from ofmipd.offload import Offload
 
 log = logging.getLogger("ofmipd.htpasswd")
 
@@ -227,10 +227,7 @@ class Htpasswd:
         return check(table, self.path, user, password)
 
     async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
-        try:
-            return await self.offload.run(self._verify_blocking, user, secret.reveal())
-        except QueueTimeout as error:
-            return tempfail(str(error))
+        return await self.offload.run(self._verify_blocking, user, secret.reveal())
 
     async def close(self) -> None:
         self.offload.close()

@@ -41,7 +41,7 @@ from ofmipd.auth import Outcome, Secret, Verdict, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 from ofmipd.logs import printable, redact_url
-from ofmipd.offload import Offload, QueueTimeout
+from ofmipd.offload import Offload
 from ofmipd.secretfile import warn_if_shared
 from ofmipd.urls import split_url
 
@@ -136,10 +136,7 @@ class LdapAuth:
             # RFC 4513 §5.1.2: a DN with an empty password is an unauthenticated bind,
             # which many servers answer with success.
             return reject("empty password refused (RFC 4513 unauthenticated bind)")
-        try:
-            return await self.offload.run(self._verify, user, password)
-        except QueueTimeout as error:
-            return tempfail(str(error))
+        return await self.offload.run(self._verify, user, password)
 
     def _verify(self, user: str, password: bytes) -> Outcome:
         """Blocking: find the DN, bind as it, learn the entry's name."""

@@ -54,7 +54,7 @@ from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 from ofmipd.logs import printable
-from ofmipd.offload import Offload, QueueTimeout
+from ofmipd.offload import Offload
 
 log = logging.getLogger("ofmipd.pam")
 
@@ -232,12 +232,9 @@ class PamAuth:
         self.offload = Offload("pam", workers=workers, max_queue_age=timeout)
 
     async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
-        try:
-            return await self.offload.run(
-                pam_transaction, self.service, user, secret.reveal(), client.ip
-            )
-        except QueueTimeout as error:
-            return tempfail(str(error))
+        return await self.offload.run(
+            pam_transaction, self.service, user, secret.reveal(), client.ip
+        )
 
     async def close(self) -> None:
         self.offload.close()

@@ -18,7 +18,7 @@ import shutil
 from typing import Any, NamedTuple
 
 from ofmipd import privileges
-from ofmipd.assemble import App
+from ofmipd.app import App
 from ofmipd.delivery import MaildirTarget, SendmailTarget
 from ofmipd.errors import ConfigError
 from ofmipd.privileges import RunUser

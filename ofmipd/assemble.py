@@ -6,18 +6,20 @@ build_app(), so what the admin tests is what the server runs.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
-import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import auth_backends
-from ofmipd.auth import Chain, Decision
+from ofmipd.app import App
+from ofmipd.auth import Chain
 from ofmipd.config import Config
 from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
-from ofmipd.logs import redact_url
+
+if TYPE_CHECKING:
+    from ofmipd.ratelimit import LoginLimiter
+    from ofmipd.rules import Rules
 
 
 def default_hostname() -> str:
@@ -31,155 +33,6 @@ def default_hostname() -> str:
         if "." in fqdn and not fqdn.startswith("localhost"):
             name = fqdn
     return name
-
-
-class Metrics:
-    """The metrics facade the SMTP layer calls, as this no-op unless --metrics is given
-    (then ofmipd.metrics.PrometheusMetrics). It lives here, not in ofmipd.metrics, so a
-    process without metrics (every `ofmipd -1`) never imports that module."""
-
-    enabled = False
-
-    def session_started(self) -> None:
-        pass
-
-    def session_ended(self, result: str) -> None:
-        pass
-
-    def auth(self, mechanism: str, decision: Decision) -> None:
-        pass
-
-    def delivery(self, reply: str) -> None:
-        pass
-
-    def ratelimit_refused(self, key: str) -> None:
-        pass
-
-    def ratelimit_lockout(self, key: str) -> None:
-        pass
-
-    def start(self, host: str, port: int) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
-class App:
-    """Everything a session needs. build_app() fills in the optional parts after creation.
-
-    A plain class rather than a dataclass: defining a dataclass costs about a millisecond,
-    which every `ofmipd -1` process would pay."""
-
-    __slots__ = (
-        "config", "hostname", "chain", "delivery", "mechanisms", "starttls_context",
-        "implicit_tls_context", "rules", "proxy_trust", "proxy_timeout", "senders", "limiter",
-        "metrics", "reverse_names", "instance_id", "sessions_started", "_handler",
-        "tls_terminators",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        config: Config,
-        hostname: str,
-        chain: Chain,
-        delivery: Delivery,
-        mechanisms: tuple[str, ...],
-        starttls_context: ssl.SSLContext | None = None,
-        implicit_tls_context: ssl.SSLContext | None = None,
-        rules: Any | None = None,
-        proxy_trust: Any | None = None,
-        proxy_timeout: float = 10.0,
-        senders: Any | None = None,
-        limiter: Any | None = None,
-        metrics: Any = None,
-        reverse_names: Any | None = None,
-    ) -> None:
-        self.config = config
-        self.hostname = hostname
-        self.chain = chain
-        self.delivery = delivery
-        self.mechanisms = mechanisms
-        self.starttls_context = starttls_context
-        self.implicit_tls_context = implicit_tls_context
-        self.rules = rules
-        self.proxy_trust = proxy_trust
-        self.proxy_timeout = proxy_timeout
-        self.senders = senders
-        self.limiter = limiter
-        self.metrics: Any = metrics if metrics is not None else Metrics()
-        self.reverse_names = reverse_names
-        # Unique in the logs: a random prefix per App (process or reload), then a counter.
-        self.instance_id = os.urandom(2).hex()
-        self.sessions_started = itertools.count(1)
-        self._handler: Any = None
-        self.tls_terminators: Any | None = None  # --tls-in-front peers (identity.Networks)
-
-    def new_session_id(self) -> str:
-        return f"{self.instance_id}{next(self.sessions_started):x}"
-
-    @property
-    def handler(self) -> Any:
-        if self._handler is None:
-            from ofmipd.smtp import SubmissionHandler
-
-            self._handler = SubmissionHandler(self)
-        return self._handler
-
-    def describe(self) -> str:
-        config = self.config
-        lines = [f"configuration: {config.source} (ok)", f"hostname: {self.hostname}"]
-        if config.one_session:
-            lines.append("mode: one session on stdin/stdout")
-        else:
-            lines.append(
-                "listen: "
-                + ", ".join(str(x) for x in config.listeners)
-                + f" (connections {config.connections}"
-                + (f" per worker, {config.workers} workers)" if config.workers > 1 else ")")
-            )
-        tls = (
-            "implicit (--ssl)"
-            if config.ssl
-            else (f"STARTTLS {config.tls}" if config.tls else "off")
-        )
-        if self.tls_terminators is not None:
-            tls += f", TLS terminated in front by {self.tls_terminators}"
-        lines.append(f"tls: {tls}")
-        limits = f"EHLO within {config.ehlo_timeout:g}s of connecting"
-        if not config.one_session:
-            limits = f"{config.per_ip_limit} sessions per client address, " + limits
-        lines.append(f"connection limits: {limits}")
-        lines.append(
-            f"rules: {len(self.rules) if self.rules is not None else 0}"
-            + (f" from {config.rules}" if config.rules else "")
-            + (f" ({self.rules.order})" if self.rules is not None else "")
-        )
-        lines.append(f"mechanisms: {' '.join(self.mechanisms)}")
-        lines.append(f"bare LF or CR in a message: {config.bare_newline}")
-        lines.append("authenticators (in order):")
-        for number, backend in enumerate(self.chain.backends, 1):
-            lines.append(f"  {number}. {backend.name} {backend.target}")
-        lines.append(
-            f"delivery: {self.delivery.target.name} {describe_target(self.delivery.target)}"
-        )
-        if self.limiter is not None:
-            lines.append(f"login rate limit: {self.limiter.describe()}")
-        else:
-            lines.append("login rate limit: off (--ratelimit off)")
-        if config.throttle_script:
-            lines.append(f"throttle script: {config.throttle_script}")
-        # Backends build their targets without passwords; this is the net for the rest
-        # (the rate-limit store's Redis URL, a URL in a checkpassword command line).
-        return redact_url("\n".join(lines))
-
-
-def describe_target(target: Target) -> str:
-    if isinstance(target, MaildirTarget):
-        return target.path
-    if isinstance(target, SendmailTarget):
-        return " ".join(target.argv)
-    return ""
 
 
 def build_chain(config: Config) -> Chain:
@@ -212,7 +65,7 @@ def build_delivery(config: Config) -> Delivery:
     return Delivery(target, config.throttle_script, config.delivery_timeout)
 
 
-def build_rules(config: Config) -> Any | None:
+def build_rules(config: Config) -> Rules | None:
     if not config.rules and not config.rule_tables:
         return None
     from ofmipd.rules import Rules
@@ -222,7 +75,7 @@ def build_rules(config: Config) -> Any | None:
     return Rules.from_config(list(config.rule_tables), config.source)
 
 
-def build_limiter(config: Config) -> Any | None:
+def build_limiter(config: Config) -> LoginLimiter | None:
     """Guessing limits, on unless --ratelimit off (the SQLite store by default)."""
     if config.ratelimit is not None and config.ratelimit.strip().lower() in ("off", "none"):
         return None

@@ -13,8 +13,10 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+
+from ofmipd.offload import QueueTimeout
 
 if TYPE_CHECKING:
     from ofmipd.identity import ClientIdentity
@@ -77,11 +79,12 @@ def tempfail(reason: str) -> Outcome:
     return Outcome(Verdict.TEMPFAIL, reason)
 
 
-class Lookup(NamedTuple):
-    """Answer of a plaintext lookup: the stored password, or why there is none."""
+class Found(NamedTuple):
+    """A plaintext lookup that found the user. Not found is an Outcome saying why:
+    REJECT for an unknown user, TEMPFAIL when the store could not answer."""
 
-    outcome: Outcome  # ACCEPT means "found"; REJECT unknown user; TEMPFAIL outage
-    secret: Secret | None = None
+    secret: Secret
+    user: str | None = None  # the canonical name, when the store knows it
 
 
 @runtime_checkable
@@ -96,11 +99,15 @@ class Authenticator(Protocol):
 class PlaintextSource(Protocol):
     """Optional second capability; CRAM-MD5 is offered only if every backend has it."""
 
-    async def lookup_plaintext(self, user: str, client: ClientIdentity) -> Lookup: ...
+    async def lookup_plaintext(self, user: str, client: ClientIdentity) -> Found | Outcome: ...
 
 
 def can_lookup_plaintext(backend: object) -> bool:
     return callable(getattr(backend, "lookup_plaintext", None))
+
+
+# One question the chain puts to each backend in turn: verify, or look up for CRAM-MD5.
+Ask = Callable[[Authenticator], Awaitable[Outcome]]
 
 
 class Attempt(NamedTuple):
@@ -219,17 +226,21 @@ class Chain:
             return refused_at_the_door(name)
 
         async def by_digest(backend: Authenticator) -> Outcome:
-            found = await backend.lookup_plaintext(name, client)  # type: ignore[attr-defined]
-            if found.outcome.verdict is not Verdict.ACCEPT or found.secret is None:
-                return found.outcome
+            if not isinstance(backend, PlaintextSource):  # CRAM-MD5 is not offered then
+                return tempfail("cannot look up a plaintext password for CRAM-MD5")
+            found = await backend.lookup_plaintext(name, client)
+            if isinstance(found, Outcome):
+                if found.verdict is Verdict.ACCEPT:  # "found" needs the password with it
+                    return tempfail("plaintext lookup accepted without a password")
+                return found
             expected = cram_md5_digest(found.secret, challenge)
             if hmac.compare_digest(expected.encode(), digest.lower().encode()):
-                return accept("CRAM-MD5 digest matches", found.outcome.user)
+                return accept("CRAM-MD5 digest matches", found.user)
             return reject("CRAM-MD5 digest mismatch")
 
         return await self._ask_each(name, by_digest, try_all=False)
 
-    async def _ask_each(self, name: str, ask, *, try_all: bool) -> Decision:  # type: ignore[no-untyped-def]
+    async def _ask_each(self, name: str, ask: Ask, *, try_all: bool) -> Decision:
         attempts: list[Attempt] = []
         winner: Outcome | None = None
         for backend in self.backends:
@@ -249,9 +260,11 @@ class Chain:
             return Decision(Verdict.TEMPFAIL, name, tuple(attempts))
         return Decision(Verdict.REJECT, name, tuple(attempts))
 
-    async def _contained(self, backend: Authenticator, ask) -> Outcome:  # type: ignore[no-untyped-def]
+    async def _contained(self, backend: Authenticator, ask: Ask) -> Outcome:
         try:
             outcome = await asyncio.wait_for(ask(backend), self.timeout)
+        except QueueTimeout as error:  # the backend's offload: all its workers stayed busy
+            return tempfail(str(error))
         except TimeoutError:
             return tempfail(f"no answer within {self.timeout:g}s")
         except Exception as error:  # contained: one broken backend must not kill the session

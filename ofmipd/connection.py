@@ -22,7 +22,7 @@ from ofmipd.logs import printable
 from ofmipd.smtp import SubmissionServer
 
 if TYPE_CHECKING:
-    from ofmipd.assemble import App
+    from ofmipd.app import App
 
 log = logging.getLogger("ofmipd.smtp")
 

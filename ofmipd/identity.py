@@ -11,7 +11,7 @@ import functools
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from ofmipd.errors import ConfigError
 
@@ -100,7 +100,7 @@ class Networks:
         self.networks = tuple(networks)
 
     @classmethod
-    def parse(cls, spec: str | Iterable[str], option: str | None = None) -> Networks:
+    def parse(cls, spec: str | Iterable[str], option: str | None = None) -> Self:
         option = option or cls.option
         entries = spec.split(",") if isinstance(spec, str) else list(spec)
         networks = []

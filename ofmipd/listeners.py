@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -20,14 +21,17 @@ import sys
 from collections.abc import Callable
 
 from ofmipd import connection, identity, privileges
-from ofmipd.assemble import App, build_app
+from ofmipd.app import App
+from ofmipd.assemble import build_app
 from ofmipd.config import Config, Listen
 from ofmipd.errors import ConfigError, one_line
 from ofmipd.smtp import SubmissionServer
 from ofmipd.stdio import set_nodelay
+from ofmipd.workers import HELD_SIGNALS
 
 log = logging.getLogger("ofmipd")
 GRACE_SECONDS = 30.0
+ACCEPT_RETRY_SECONDS = 0.1
 SD_LISTEN_FDS_START = 3
 
 
@@ -139,6 +143,7 @@ class Daemon:
         self.table = ConnectionTable(app.config.connections)
         self.stopping = asyncio.Event()
         self.sessions: set[SubmissionServer] = set()
+        self.session_ended = asyncio.Event()  # set whenever one ends; waiters clear it
         self.connections: set[asyncio.Task[None]] = set()
 
     async def accept_loop(self, sock: socket.socket) -> None:
@@ -151,7 +156,9 @@ class Daemon:
             except OSError as error:
                 self.table.slots.release()
                 log.warning("accept failed: %s", error)
-                await asyncio.sleep(0.1)
+                # Most accept failures (EMFILE, ENFILE, ENOBUFS) pass when a connection
+                # closes and frees its resources: retry then, or after a pause for the rest.
+                await self.a_session_ends(within=ACCEPT_RETRY_SECONDS)
                 continue
             except BaseException:
                 self.table.slots.release()
@@ -171,8 +178,25 @@ class Daemon:
         try:
             await connection.serve(server, conn, lambda client: self.admit(ticket, client))
         finally:
-            self.sessions.discard(server)
+            self.ended(server)
             ticket.release()  # now, rather than when the done callback runs
+
+    def ended(self, server: SubmissionServer) -> None:
+        self.sessions.discard(server)
+        self.session_ended.set()
+
+    async def drain(self, grace: float) -> None:
+        """Let the sessions in progress finish, for at most `grace` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.sessions and loop.time() < deadline:
+            await self.a_session_ends(within=deadline - loop.time())
+
+    async def a_session_ends(self, within: float) -> None:
+        """Return when a session ends, or after `within` seconds."""
+        self.session_ended.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.session_ended.wait(), within)
 
     def admit(self, ticket: Ticket, client: identity.ClientIdentity) -> bool:
         """Simultaneous sessions per client address (IPv6: per /64): the socket peer's, or the one a
@@ -224,18 +248,10 @@ class Daemon:
         log.info("stopping: %d sessions in progress", len(self.sessions))
         for server in list(self.sessions):
             server.begin_shutdown()
-        deadline = loop.time() + GRACE_SECONDS
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await self.drain(GRACE_SECONDS)
         for server in list(self.sessions):
             server.say_goodbye("421 4.3.2 Service shutting down, try again later")
         log.info("stopped")
-
-
-# A stop, reload or status request that arrives between binding the sockets (clients can
-# connect from then on) and installing the handlers waits, blocked, instead of killing
-# the process.
-HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
 
 def serve_daemon(app: App, config_loader: Callable[[], Config]) -> int:

@@ -1,6 +1,6 @@
 """Optional Prometheus metrics (--metrics HOST:PORT): a facade the SMTP layer calls, no-op when off.
 
-The no-op facade, Metrics, is defined in ofmipd.assemble, so a process without --metrics
+The no-op facade, NoMetrics, is defined in ofmipd.app, so a process without --metrics
 (every `ofmipd -1`) never imports this module. prometheus-client is imported only when
 metrics are configured. The exporter is prometheus_client's own HTTP server in a daemon
 thread: scrapes never touch the event loop, and counters are thread-safe. Metrics use a
@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
-from ofmipd.assemble import Metrics
+from ofmipd.app import Metrics, NoMetrics
 from ofmipd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -33,8 +33,8 @@ def delivery_result(reply: str) -> str:
     return "other"
 
 
-class PrometheusMetrics(Metrics):
-    """Overrides every method of the no-op Metrics. Call sites need no `if`."""
+class PrometheusMetrics:
+    """Metrics, as NoMetrics is: call sites need no `if`."""
 
     enabled = True
 
@@ -146,7 +146,7 @@ def parse_address(text: str) -> tuple[str, int]:
 def create(address: str | None) -> Metrics:
     """The Metrics for --metrics ADDRESS (None: the no-op); the caller calls start()."""
     if not address:
-        return Metrics()
+        return NoMetrics()
     parse_address(address)
     return PrometheusMetrics()
 

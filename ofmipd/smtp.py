@@ -31,7 +31,7 @@ from ofmipd.policy import ClientPolicy, decide
 from ofmipd.ratelimit import Refusal, partial_reject
 
 if TYPE_CHECKING:
-    from ofmipd.assemble import App
+    from ofmipd.app import App
 
 log = logging.getLogger("ofmipd.smtp")
 authlog = logging.getLogger("ofmipd.auth")
@@ -199,7 +199,7 @@ class SubmissionServer(SMTP):
         )
         self.__ident__ = "ESMTP ofmipd"
         self.loop = loop
-        self.event_handler = app.handler
+        handler = self.event_handler = handler_for(app)
         self.data_size_limit = app.config.size_limit
         self.enable_SMTPUTF8 = False
         self._decode_data = False
@@ -227,7 +227,7 @@ class SubmissionServer(SMTP):
         self._auth_callback = login_always_fail
         self._auth_required = False
         self._auth_methods = {}  # ofmipd's smtp_AUTH runs its own mechanisms
-        self._handle_hooks = app.handler.hooks
+        self._handle_hooks = handler.hooks
         self._ehlo_hook_ver = None
         self._smtp_methods = {name: getattr(self, f"smtp_{name}") for name in _smtp_commands()}
         self._enforce_call_limit = True
@@ -634,10 +634,11 @@ class SubmissionServer(SMTP):
         name = None if isinstance(door, Outcome) else door
         ticket = None
         if limiter is not None:  # reserve a guess before any backend runs
-            ticket = await limiter.begin(self.client.ip, name)
-            if isinstance(ticket, Refusal):
-                await self._refused(limiter, ticket, name)
+            reserved = await limiter.begin(self.client.ip, name)
+            if isinstance(reserved, Refusal):
+                await self._refused(limiter, reserved, name)
                 return
+            ticket = reserved
         if isinstance(door, Outcome):
             decision = refused_at_the_door(door)
         else:
@@ -793,6 +794,14 @@ class SubmissionServer(SMTP):
         if self.client.hostname or not self.client.ip or self.app.reverse_names is None:
             return self.client.hostname
         return await self.app.reverse_names.name(self.client.ip)
+
+
+def handler_for(app: App) -> SubmissionHandler:
+    """The handler of `app`'s sessions, made once per App (its hooks are found by name)."""
+    handler = app.smtp_handler
+    if not isinstance(handler, SubmissionHandler):
+        handler = app.smtp_handler = SubmissionHandler(app)
+    return handler
 
 
 class SubmissionHandler:

@@ -16,7 +16,7 @@ import sys
 from typing import Any, NoReturn
 
 from ofmipd import connection, identity
-from ofmipd.assemble import App
+from ofmipd.app import App
 from ofmipd.smtp import SubmissionServer
 
 

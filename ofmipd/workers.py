@@ -19,9 +19,12 @@ import signal
 import time
 from collections.abc import Callable
 
-from ofmipd.listeners import HELD_SIGNALS
-
 log = logging.getLogger("ofmipd")
+
+# The signals the daemon and its workers act on. One that arrives between binding the
+# sockets (clients can connect from then on) and installing the handlers waits, blocked,
+# instead of killing the process.
+HELD_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
 
 def run_workers(count: int, serve: Callable[[], None]) -> int:

@@ -16,7 +16,15 @@ from auth_backends import BackendSpec
 from auth_backends import create as create_backend
 from auth_backends.authfile import AuthFile
 from auth_backends.authfile import create as create_authfile
-from ofmipd.auth import Chain, Secret, Verdict, can_lookup_plaintext, cram_md5_digest
+from ofmipd.auth import (
+    Chain,
+    Found,
+    Outcome,
+    Secret,
+    Verdict,
+    can_lookup_plaintext,
+    cram_md5_digest,
+)
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 
@@ -153,7 +161,7 @@ def test_unknown_user_and_empty_password_entry_are_rejected(make_file, client) -
     assert disabled.verdict is Verdict.REJECT
     assert "login disabled" in disabled.reason
     found = asyncio.run(backend.lookup_plaintext("erin", client))
-    assert found.outcome.verdict is Verdict.REJECT and found.secret is None
+    assert isinstance(found, Outcome) and found.verdict is Verdict.REJECT
 
 
 def test_password_bytes_are_compared_as_bytes(make_file, client) -> None:
@@ -185,11 +193,11 @@ def test_lookup_plaintext_gives_the_stored_password(make_file, client) -> None:
     backend = AuthFile(str(make_file()))
     assert can_lookup_plaintext(backend)
     found = asyncio.run(backend.lookup_plaintext("BOB", client))
-    assert found.outcome.verdict is Verdict.ACCEPT
-    assert found.outcome.user == "bob"
-    assert found.secret is not None and found.secret.reveal() == b"pa:ss:word"
+    assert isinstance(found, Found)
+    assert found.user == "bob"
+    assert found.secret.reveal() == b"pa:ss:word"
     missing = asyncio.run(backend.lookup_plaintext("mallory", client))
-    assert missing.outcome.verdict is Verdict.REJECT and missing.secret is None
+    assert isinstance(missing, Outcome) and missing.verdict is Verdict.REJECT
 
 
 def test_cram_md5_through_the_chain(make_file, client) -> None:
@@ -248,9 +256,8 @@ def test_file_removed_or_mode_broken_after_start_gives_tempfail(
         assert outcome.reason == f"authfile {path} has mode 0644; it must be 0400 or 0600"
     warnings = [r.getMessage() for r in caplog.records if "has mode 0644" in r.getMessage()]
     assert len(warnings) == 1, "an outage is logged once, not once per login"
-    assert asyncio.run(backend.lookup_plaintext("alice", client)).outcome.verdict is (
-        Verdict.TEMPFAIL
-    )
+    outage = asyncio.run(backend.lookup_plaintext("alice", client))
+    assert isinstance(outage, Outcome) and outage.verdict is Verdict.TEMPFAIL
 
     path.chmod(0o600)
     assert verify(backend, "alice", "s3cret", client).verdict is Verdict.ACCEPT

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from ofmipd.auth import Chain, Lookup, Secret, Verdict, accept, reject, tempfail
+from ofmipd.auth import Chain, Found, Secret, Verdict, accept, reject, tempfail
 
 
 class Fixed:
@@ -37,8 +37,8 @@ class Plain(Fixed):
 
     async def lookup_plaintext(self, user, client):
         if user in self.users:
-            return Lookup(accept("found", user), Secret(self.users[user]))
-        return Lookup(reject("no such user"))
+            return Found(Secret(self.users[user]), user)
+        return reject("no such user")
 
 
 def run(coro):
@@ -188,6 +188,86 @@ def test_cram_md5_digest_checked_in_the_chain(client):
     bad = cram_md5_digest(Secret(b"pX"), challenge)
     assert (
         run(chain.authenticate_cram_md5(b"bob", challenge, bad, client)).verdict is Verdict.REJECT
+    )
+
+
+class Lookup(Fixed):
+    """A plaintext source that answers every lookup with `answer`."""
+
+    def __init__(self, name, answer):
+        super().__init__(name)
+        self.answer = answer
+
+    async def lookup_plaintext(self, user, client):
+        return self.answer
+
+
+def test_cram_md5_lookups_found_not_found_and_outage(client):
+    from ofmipd.auth import cram_md5_digest
+
+    challenge = b"<1.2@host>"
+    good = cram_md5_digest(Secret(b"pw"), challenge)
+    found = Lookup("found", Found(Secret(b"pw"), "Bob"))
+    decision = run(Chain([found]).authenticate_cram_md5(b"bob", challenge, good, client))
+    assert (decision.verdict, decision.user) == (Verdict.ACCEPT, "Bob")  # the store's name
+    down = Lookup("down", tempfail("ldap server down"))
+    unknown = Lookup("unknown", reject("no such user"))
+    decision = run(Chain([unknown, down]).authenticate_cram_md5(b"bob", challenge, good, client))
+    assert (decision.verdict, decision.reason) == (Verdict.TEMPFAIL, "ldap server down")
+    # "Found" needs the password: an ACCEPT without one is the store's bug, not a login.
+    bogus = Lookup("bogus", accept("found", "bob"))
+    decision = run(Chain([bogus]).authenticate_cram_md5(b"bob", challenge, good, client))
+    assert decision.verdict is Verdict.TEMPFAIL
+    assert decision.reason == "plaintext lookup accepted without a password"
+
+
+def test_cram_md5_with_a_backend_that_cannot_look_up_is_tempfail(client):
+    decision = run(Chain([Fixed("a", accept())]).authenticate_cram_md5(b"u", b"c", "d", client))
+    assert decision.verdict is Verdict.TEMPFAIL
+    assert decision.reason == "cannot look up a plaintext password for CRAM-MD5"
+
+
+class Offloaded(Fixed):
+    """A blocking backend in a one-worker offload whose queue may wait 50 ms."""
+
+    def __init__(self, name):
+        import threading
+
+        from ofmipd.offload import Offload
+
+        super().__init__(name)
+        self.offload = Offload(name, workers=1, max_queue_age=0.05)
+        self.started, self.release = threading.Event(), threading.Event()
+
+    async def verify(self, user, secret, client):
+        return await self.offload.run(self._blocking)
+
+    def _blocking(self):
+        self.started.set()
+        self.release.wait(5)
+        return accept()
+
+
+def test_a_full_offload_queue_is_tempfail_naming_the_queue(client):
+    backend = Offloaded("slow")
+
+    async def main():
+        chain = Chain([backend])
+        first = asyncio.create_task(chain.authenticate(b"u", b"p", client))
+        await asyncio.to_thread(backend.started.wait, 5)  # the one worker is busy
+        second = await chain.authenticate(b"u", b"p", client)
+        backend.release.set()
+        return await first, second
+
+    try:
+        first, second = run(main())
+    finally:
+        backend.release.set()
+        backend.offload.close()
+    assert first.verdict is Verdict.ACCEPT
+    assert (second.verdict, second.reason) == (
+        Verdict.TEMPFAIL,
+        "slow: all 1 workers busy for 0.05s",
     )
 
 

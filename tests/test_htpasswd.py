@@ -17,7 +17,7 @@ from auth_backends import BackendSpec
 from auth_backends import create as create_backend
 from auth_backends.htpasswd import Htpasswd
 from auth_backends.htpasswd import create as create_htpasswd
-from ofmipd.auth import Chain, Outcome, Secret, Verdict, can_lookup_plaintext
+from ofmipd.auth import Chain, Decision, Outcome, Secret, Verdict, can_lookup_plaintext
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 
@@ -285,11 +285,13 @@ def test_busy_workers_give_tempfail_not_reject(path: Path, client) -> None:
     htpasswd(path, "alice", "pw-alice", "-B", "-C", "13")  # ~0.6 s or more per verify
     backend = open_file(path, workers=1, timeout=0.05)
 
-    async def main() -> list[Outcome]:
+    async def main() -> list[Decision]:
+        # The queue's timeout becomes TEMPFAIL in the chain's containment, for every backend.
+        chain = Chain([backend])
         try:
             return list(
                 await asyncio.gather(
-                    *(backend.verify("alice", Secret(b"pw-alice"), client) for _ in range(2))
+                    *(chain.authenticate(b"alice", b"pw-alice", client) for _ in range(2))
                 )
             )
         finally:

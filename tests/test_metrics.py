@@ -10,9 +10,10 @@ import pytest
 from conftest import ROOT, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+from ofmipd.app import NoMetrics
 from ofmipd.auth import Attempt, Decision, Outcome, Verdict
 from ofmipd.errors import ConfigError
-from ofmipd.metrics import Metrics, PrometheusMetrics, delivery_result, parse_address, serve
+from ofmipd.metrics import PrometheusMetrics, delivery_result, parse_address, serve
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -132,7 +133,7 @@ def test_without_metrics_prometheus_client_is_never_imported() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
-    assert type(serve(None)) is Metrics
+    assert type(serve(None)) is NoMetrics
 
 
 def test_parse_address() -> None:

@@ -25,7 +25,7 @@ from pam.__internals import (
 from auth_backends import BackendSpec
 from auth_backends import create as create_backend
 from auth_backends import pam as pam_backend
-from ofmipd.auth import Chain, Outcome, Secret, Verdict
+from ofmipd.auth import Chain, Decision, Outcome, Secret, Verdict
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 
@@ -268,10 +268,12 @@ def test_all_workers_busy_past_timeout_tempfails(make_user, make_service, client
     service = make_service("auth optional pam_faildelay.so delay=2000000\n" + PLAIN_UNIX)
     auth = backend(service, workers=1, timeout=0.3)
 
-    async def scenario() -> tuple[Outcome, Outcome]:
-        slow = asyncio.create_task(verify(auth, user, "wrong", client))
+    async def scenario() -> tuple[Decision, Decision]:
+        # The queue's timeout becomes TEMPFAIL in the chain's containment.
+        chain = Chain([auth])
+        slow = asyncio.create_task(chain.authenticate(user.encode(), b"wrong", client))
         await asyncio.sleep(0.1)
-        queued = await verify(auth, user, password, client)
+        queued = await chain.authenticate(user.encode(), password.encode(), client)
         return await slow, queued
 
     slow, queued = asyncio.run(scenario())

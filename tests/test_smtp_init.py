@@ -30,7 +30,7 @@ def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
         reference = SMTP.__new__(SubmissionServer)
         SMTP.__init__(
             reference,
-            app.handler,
+            smtp.handler_for(app),
             hostname=app.hostname,
             ident="ESMTP ofmipd",
             data_size_limit=app.config.size_limit,
