@@ -77,4 +77,12 @@ def create(spec: BackendSpec) -> Authenticator:
     return authenticator
 
 
-__all__ = ["KINDS", "BackendSpec", "create", "all_declared", "declared", "kind_for_url", "spec_from_flag"]
+__all__ = [
+    "KINDS",
+    "BackendSpec",
+    "create",
+    "all_declared",
+    "declared",
+    "kind_for_url",
+    "spec_from_flag",
+]

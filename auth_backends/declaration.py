@@ -27,7 +27,7 @@ BOOLEAN = "true/false"
 class Option:
     """One setting of a backend: a TOML key, also a `?key=value` of a URL where it says so."""
 
-    __slots__ = ("default", "help", "high", "low", "name", "required", "type")
+    __slots__ = ("default", "help", "high", "in_url", "low", "name", "required", "type")
 
     def __init__(
         self,
@@ -39,6 +39,7 @@ class Option:
         low: float | None = None,
         high: float | None = None,
         required: str = "",  # the error when it is missing; "" means optional
+        in_url: bool = False,  # may be given as the -R URL's ?name=value, as text
     ) -> None:
         self.name = name
         self.type = type
@@ -47,14 +48,18 @@ class Option:
         self.low = low
         self.high = high
         self.required = required
+        self.in_url = in_url
 
     def check(self, value: Any) -> Any:
+        if self.in_url and isinstance(value, str):
+            value = self._from_text(value)
         if self.type == TEXT:
-            if not isinstance(value, str) or not value:
+            # Empty is "not set" in a URL (?fallback=), and has always been in TOML too.
+            if not isinstance(value, str) or not (value or self.in_url):
                 raise ConfigError(self.required or f"{self.name} must be a non-empty string")
         elif self.type == BOOLEAN:
             if not isinstance(value, bool):
-                raise ConfigError(f"{self.name} must be true or false")
+                raise ConfigError(f"{self.name} must be true or false, not {value!r}")
         elif self.type in (INTEGER, SECONDS):
             number = int if self.type == INTEGER else int | float
             if isinstance(value, bool) or not isinstance(value, number):
@@ -63,6 +68,18 @@ class Option:
                 raise ConfigError(self._range_text())
             return float(value) if self.type == SECONDS else value
         return value
+
+    def _from_text(self, text: str) -> Any:
+        """A URL's text as the option's type; left as it is when it does not convert."""
+        if self.type == BOOLEAN:
+            return {"1": True, "yes": True, "true": True, "on": True, "0": False, "no": False,
+                    "false": False, "off": False}.get(text.lower(), text)  # fmt: skip
+        if self.type == SECONDS:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+        return text
 
     def _in_range(self, value: float) -> bool:
         if self.type == SECONDS and value <= 0:
@@ -86,7 +103,7 @@ class Option:
             return str(value).lower()
         if isinstance(value, float):
             return f"{value:g}"
-        return repr(value) if isinstance(value, str) else str(value)
+        return f'"{value}"' if isinstance(value, str) else str(value)  # as written in TOML
 
 
 class Settings:
@@ -180,6 +197,8 @@ class Backend:
         unknown = sorted(set(given) - names)
         if unknown:
             raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+        if isinstance(given.get("url"), str):
+            self._add_query(given, where)
         for option in self.options:
             try:
                 if option.name in given:
@@ -190,7 +209,23 @@ class Backend:
                 raise ConfigError(f"{where}: {error}") from None
         return Settings(self, given, where)
 
+    def _add_query(self, given: dict[str, Any], where: str) -> None:
+        """A URL's ?name=value options; a table's own setting of the same name wins."""
+        from urllib.parse import parse_qsl, urlsplit
+
+        try:
+            query = urlsplit(given["url"]).query
+        except ValueError:
+            return  # the backend reports the malformed URL, with its own words
+        in_url = {option.name for option in self.options if option.in_url}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key not in in_url:
+                raise ConfigError(f"{where}: unknown option {key!r}")
+            given.setdefault(key, value)
+
     def markdown_row(self) -> str:
+        """flag | kind | help | options: one row of the README's table."""
         flag = f"`{self.flags[0]} {self.metavar}`" if self.flags else f"`-R {self.url}`"
-        options = "; ".join(option.describe() for option in self.options)
-        return f"| `{self.kind}` | {flag} | {self.help} | {options} |"
+        options = "<br>".join(option.describe() for option in self.options)
+        cells = (flag, f"`{self.kind}`", self.help, options)
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"

@@ -12,7 +12,6 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 from auth_backends.ipauthmap import (
     MAP_HOST,
@@ -34,23 +33,10 @@ log = logging.getLogger("ofmipd.auth.remote")
 
 DEFAULT_TIMEOUT = 10.0
 MAX_LINE = 16384  # longer server lines are garbage, not a login dialogue
-# What a URL's ?key=value may set; a TOML table's options are checked by the declaration.
-QUERY_OPTIONS = ("ipauthmap", "timeout", "ca_file", "verify", "fallback")
 
 
 class ProtocolError(Exception):
     """The server said something that is not the protocol; str() is safe to log."""
-
-
-def _bool(value: object, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in ("1", "yes", "true", "on"):
-        return True
-    if text in ("0", "no", "false", "off"):
-        return False
-    raise ConfigError(f"{where}: verify must be true or false, not {value!r}")
 
 
 def _bracket(host: str) -> str:
@@ -75,19 +61,10 @@ class RemoteServer:
             raise ConfigError(f"{where}: no host")
         if parts.fragment or parts.path not in ("", "/"):
             raise ConfigError(f"{where}: expected {self.scheme}://HOST[:PORT]")
-        for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-            if key not in QUERY_OPTIONS:
-                raise ConfigError(f"{where}: unknown option {key!r}")
-            options.setdefault(key, value)
         default_port, self.tls = schemes[self.scheme]
         self.host = parts.hostname
         self.port = port or default_port
-        try:
-            self.timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: timeout must be a number of seconds") from None
-        if not 0 < self.timeout <= 300:
-            raise ConfigError(f"{where}: timeout must be between 0 and 300 seconds")
+        self.timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
         self.ssl_context = self._tls_context(options, where)
         self.ipauthmap: IpAuthMap | None = None
         self.fallback: str | None = None
@@ -106,7 +83,7 @@ class RemoteServer:
 
     def _tls_context(self, options: Mapping[str, Any], where: str) -> ssl.SSLContext | None:
         ca_file = options.get("ca_file")
-        verify = _bool(options.get("verify", True), where)
+        verify = options.get("verify", True)
         if not self.tls:
             if ca_file or "verify" in options:
                 raise ConfigError(f"{where}: ca_file and verify apply to TLS URLs only")
@@ -122,7 +99,7 @@ class RemoteServer:
         return context
 
     @classmethod
-    def from_settings(
+    def from_settings(  # options (and the URL's query) checked by the declaration
         cls, settings: Settings, schemes: Mapping[str, tuple[int, bool]]
     ) -> RemoteServer:
         options = {k: v for k, v in settings.given.items() if k != "url"}

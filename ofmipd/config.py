@@ -234,18 +234,24 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         if value is not None:
             values[key] = value
     _no_leftovers(logging_table, f"{source} [log]")
-    auth = _take(data, "auth", list, source) or []
+    specs = auth_specs(_take(data, "auth", list, source) or [], source)
+    if specs:
+        values["auth"] = specs
+    _no_leftovers(data, source)
+    return Config(**values)
+
+
+def auth_specs(tables: list[Any], source: str) -> tuple[BackendSpec, ...]:
+    """[[auth]] tables as given: the registry checks the kind and its options when the
+    chain is built (also by --check-config), so this module needs no plug-in."""
     specs = []
-    for number, table in enumerate(auth, 1):
+    for number, table in enumerate(tables, 1):
         if not isinstance(table, dict) or "kind" not in table:
             raise ConfigError(f'{source}: [[auth]] entry {number} needs kind = "..."')
         options = dict(table)
         kind = str(options.pop("kind"))
         specs.append(BackendSpec(kind=kind, options=options))
-    if specs:
-        values["auth"] = tuple(specs)
-    _no_leftovers(data, source)
-    return Config(**values)
+    return tuple(specs)
 
 
 def tls_in_front_list(value: bool | str | list[Any]) -> tuple[str, ...]:
