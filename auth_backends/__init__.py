@@ -28,7 +28,6 @@ KINDS = {
     "ldap": "auth_backends.kinds.ldap",
     "imap": "auth_backends.kinds.imap",
     "pop3": "auth_backends.kinds.pop3",
-    "toy": "auth_backends.kinds.toy",
 }
 
 
