@@ -5,6 +5,11 @@ implementation module, which exposes `create(spec: BackendSpec) -> Authenticator
 constructor validates what it can and raises ConfigError with the one line the admin
 sees. A library missing for one backend matters only when someone configures that
 backend, and says so differently from an unknown kind.
+
+Adding a backend: one module in kinds/ with its BACKEND declaration (a small backend
+keeps its create() and class there too; one that imports a heavy library puts them in
+their own module, which `module=` names), its line in KINDS below, and the README table
+regenerated with `python -m auth_backends --markdown`.
 """
 
 from __future__ import annotations
