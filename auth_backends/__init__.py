@@ -1,6 +1,6 @@
 """Registry of credential stores: a kind names the module that declares it.
 
-Each declaration (auth_backends/kinds/KIND.py, see auth_backends.declaration) names the
+Each declaration (auth_backends/kinds/KIND.py, a kinds.Backend) names the
 implementation module, which exposes `create(spec: BackendSpec) -> Authenticator`. Its
 constructor validates what it can and raises ConfigError with the one line the admin
 sees. A library missing for one backend matters only when someone configures that
@@ -21,7 +21,7 @@ from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from auth_backends.declaration import Backend
+    from auth_backends.kinds import Backend
     from ofmipd.auth import Authenticator
 
 # kind -> the module holding its declaration, in the order --help and the README list them

@@ -47,7 +47,7 @@ from ofmipd.secretfile import warn_if_shared
 from ofmipd.urls import split_url
 
 if TYPE_CHECKING:
-    from auth_backends.declaration import Settings as Options
+    from auth_backends.kinds import Settings as Options
 
 log = logging.getLogger("ofmipd.ldap")
 T = TypeVar("T")

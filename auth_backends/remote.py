@@ -27,7 +27,7 @@ from ofmipd.logs import redact_url
 from ofmipd.urls import split_url
 
 if TYPE_CHECKING:
-    from auth_backends.declaration import Settings
+    from auth_backends.kinds import Settings
 
 log = logging.getLogger("ofmipd.auth.remote")
 

@@ -1,4 +1,4 @@
-from auth_backends.declaration import TEXT, Backend, Option
+from auth_backends.kinds import TEXT, Backend, Option
 
 BACKEND = Backend(
     "authfile",

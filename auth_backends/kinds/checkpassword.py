@@ -1,4 +1,4 @@
-from auth_backends.declaration import SECONDS, Backend, Option
+from auth_backends.kinds import SECONDS, Backend, Option
 
 BACKEND = Backend(
     "checkpassword",

@@ -1,4 +1,4 @@
-from auth_backends.declaration import BOOLEAN, SECONDS, TEXT, Backend, Option
+from auth_backends.kinds import BOOLEAN, SECONDS, TEXT, Backend, Option
 
 # Shared with pop3; all but url may also be given as the URL's ?name=value.
 REMOTE_OPTIONS = (

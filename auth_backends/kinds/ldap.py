@@ -1,4 +1,4 @@
-from auth_backends.declaration import BOOLEAN, INTEGER, SECONDS, TEXT, Backend, Option
+from auth_backends.kinds import BOOLEAN, INTEGER, SECONDS, TEXT, Backend, Option
 
 BACKEND = Backend(
     "ldap",

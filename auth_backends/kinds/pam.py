@@ -1,4 +1,4 @@
-from auth_backends.declaration import INTEGER, SECONDS, TEXT, Backend, Option
+from auth_backends.kinds import INTEGER, SECONDS, TEXT, Backend, Option
 
 BACKEND = Backend(
     "pam",

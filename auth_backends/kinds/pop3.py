@@ -1,4 +1,4 @@
-from auth_backends.declaration import Backend
+from auth_backends.kinds import Backend
 from auth_backends.kinds.imap import REMOTE_OPTIONS
 
 BACKEND = Backend(
