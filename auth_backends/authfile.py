@@ -13,9 +13,10 @@ import logging
 import os
 import stat
 
-from auth_backends import BackendSpec
+from auth_backends.kinds.authfile import BACKEND
 from auth_backends.watched_file import Unavailable, WatchedFile
 from ofmipd.auth import Found, Outcome, Secret, accept, reject, tempfail
+from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 
@@ -104,12 +105,6 @@ class AuthFile:
 
 
 def create(spec: BackendSpec) -> AuthFile:
-    options = dict(spec.options)
-    where = f"-a {spec.arg}" if spec.arg is not None else '[[auth]] kind="authfile"'
-    path = spec.arg if spec.arg is not None else options.pop("path", None)
-    if options:
-        raise ConfigError(f"{where}: unknown setting {sorted(options)[0]!r}")
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f'{where}: path must name the user:password file, e.g. path = "..."')
+    settings = BACKEND.settings(spec)
     # Absolute, because a daemon may change directory after start-up.
-    return AuthFile(os.path.abspath(path))
+    return AuthFile(os.path.abspath(settings["path"]))

@@ -23,9 +23,10 @@ import shlex
 import shutil
 from collections.abc import Sequence
 
-from auth_backends import BackendSpec
+from auth_backends.kinds.checkpassword import BACKEND
 from ofmipd import proc
 from ofmipd.auth import Outcome, Secret, Verdict, accept, reject, tempfail
+from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError
 from ofmipd.identity import LAUNCHER_VARIABLES, ClientIdentity, launcher_environment
 from ofmipd.logs import printable
@@ -141,19 +142,9 @@ def parse_command(command: object, where: str) -> tuple[list[str], str]:
 
 
 def create(spec: BackendSpec) -> CheckPassword:
-    options = dict(spec.options)
-    where = f'-A "{spec.arg}"' if spec.arg is not None else '[[auth]] kind="checkpassword"'
-    command = spec.arg if spec.arg is not None else options.get("command")
-    options.pop("command", None)
-    timeout = options.pop("timeout", DEFAULT_TIMEOUT)
-    codes = options.pop("reject_codes", [1])
-    if options:
-        raise ConfigError(f"{where}: unknown setting {sorted(options)[0]!r}")
-    if command is None:
-        raise ConfigError(f'{where}: needs command = "PROGRAM ARGS"')
-    argv, target = parse_command(command, where)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ConfigError(f"{where}: timeout must be a positive number of seconds")
+    settings = BACKEND.settings(spec)
+    argv, target = parse_command(settings["command"], settings.where)
+    codes = settings["reject_codes"]
     if (
         not isinstance(codes, list)
         or not codes
@@ -162,8 +153,8 @@ def create(spec: BackendSpec) -> CheckPassword:
             for c in codes
         )
     ):
-        raise ConfigError(
-            f"{where}: reject_codes must be a list of exit codes from 1 to 255, without 0"
+        raise settings.error(
+            f"reject_codes must be a list of exit codes from 1 to 255, without 0"
             f" and {TEMPORARY} (the interface's temporary failure)"
         )
-    return CheckPassword(argv, target, float(timeout), frozenset(codes))
+    return CheckPassword(argv, target, settings["timeout"], frozenset(codes))

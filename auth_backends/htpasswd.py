@@ -23,9 +23,10 @@ from typing import Any, NamedTuple
 from passlib.context import CryptContext
 from passlib.utils import MAX_PASSWORD_SIZE
 
-from auth_backends import BackendSpec
+from auth_backends.kinds.htpasswd import BACKEND
 from auth_backends.watched_file import Unavailable, WatchedFile
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
+from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 from ofmipd.offload import Offload
@@ -234,18 +235,7 @@ class Htpasswd:
 
 
 def create(spec: BackendSpec) -> Htpasswd:
-    options = dict(spec.options)
-    where = f"--htpasswd {spec.arg}" if spec.arg is not None else '[[auth]] kind="htpasswd"'
-    path = spec.arg if spec.arg is not None else options.pop("path", None)
-    workers = options.pop("workers", os.cpu_count() or 2)
-    timeout = options.pop("timeout", 10.0)
-    if options:
-        raise ConfigError(f"{where}: unknown setting {sorted(options)[0]!r}")
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f'{where}: path must name the htpasswd file, e.g. path = "..."')
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
-        raise ConfigError(f"{where}: workers must be a whole number from 1 to 256")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise ConfigError(f"{where}: timeout must be a positive number of seconds")
+    settings = BACKEND.settings(spec)
     # Absolute, because a daemon may change directory after start-up.
-    return Htpasswd(os.path.abspath(path), workers, float(timeout))
+    path = os.path.abspath(settings["path"])
+    return Htpasswd(path, settings["workers"] or os.cpu_count() or 2, settings["timeout"])

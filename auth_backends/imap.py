@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import re
 
-from auth_backends import BackendSpec
-from auth_backends.ipauthmap import Conversation, ProtocolError, RemoteServer, safe_text
+from auth_backends.kinds.imap import BACKEND
+from auth_backends.remote import Conversation, ProtocolError, RemoteServer, safe_text
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
+from ofmipd.config import BackendSpec
 from ofmipd.identity import ClientIdentity
 
 SCHEMES = {"imap": (143, False), "imaps": (993, True)}
@@ -128,4 +129,4 @@ class ImapLogin:
 
 
 def create(spec: BackendSpec) -> ImapLogin:
-    return ImapLogin(RemoteServer.from_spec(spec, SCHEMES))
+    return ImapLogin(RemoteServer.from_settings(BACKEND.settings(spec), SCHEMES))

@@ -29,21 +29,25 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import unquote
 
 import ldap  # python-ldap
 import ldap.dn
 import ldap.filter
 
-from auth_backends import BackendSpec
+from auth_backends.kinds.ldap import BACKEND
 from ofmipd.auth import Outcome, Secret, Verdict, accept, reject, tempfail
+from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 from ofmipd.logs import printable, redact_url
 from ofmipd.offload import Offload
 from ofmipd.secretfile import warn_if_shared
 from ofmipd.urls import split_url
+
+if TYPE_CHECKING:
+    from auth_backends.kinds import Settings as Options
 
 log = logging.getLogger("ofmipd.ldap")
 T = TypeVar("T")
@@ -350,26 +354,15 @@ def _close(conn: Any) -> None:
 
 # ---- configuration ----
 
-OPTIONS = frozenset(
-    {
-        "uri", "dn_template", "bind_dn", "bind_password_file", "base", "scope", "filter",
-        "starttls", "ca_file", "network_timeout", "timeout", "workers", "user_attribute",
-    }
-)  # fmt: skip
-
 
 def create(spec: BackendSpec) -> LdapAuth:
-    options = dict(spec.options)
-    where = f"-R {redact_url(spec.arg)}" if spec.arg is not None else '[[auth]] kind="ldap"'
-    unknown = sorted(set(options) - OPTIONS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting {unknown[0]!r}")
+    settings = BACKEND.settings(spec)
     if spec.arg is not None:
-        if "uri" in options or "dn_template" in options:
-            raise ConfigError(f"{where}: the URL already gives the server and DN template")
-        uri, options["dn_template"] = _split_flag_url(spec.arg, where)
-        options["uri"] = uri
-    return LdapAuth(_settings(options, where))
+        if "uri" in settings or "dn_template" in settings:
+            raise settings.error("the URL already gives the server and DN template")
+        uri, template = _split_flag_url(spec.arg, settings.where)
+        settings.given.update(uri=uri, dn_template=template)
+    return LdapAuth(_settings(settings))
 
 
 def _split_flag_url(url: str, where: str) -> tuple[str, str]:
@@ -397,94 +390,107 @@ def _check_uri(uri: str, where: str) -> None:
         raise ConfigError(f"{where}: {shown!r}: give the DN as dn_template, not in the URL")
 
 
-def _settings(options: Mapping[str, Any], where: str) -> Settings:
-    raw_uris = options.get("uri")
-    uris: Sequence[Any] = [raw_uris] if isinstance(raw_uris, str) else raw_uris or []
-    if not uris or not all(isinstance(u, str) for u in uris):
-        raise ConfigError(f'{where}: uri must be "ldap://HOST[:PORT]" or a list of them')
-    for uri in uris:
-        _check_uri(uri, where)
-    uris = tuple(u.rstrip("/") for u in uris)
-    if len(set(uris)) != len(uris):
-        raise ConfigError(f"{where}: uri lists a server twice")
-
-    template = _text(options, "dn_template", where)
-    base = _text(options, "base", where)
-    if (template is None) == (base is None):
-        raise ConfigError(f"{where}: give either dn_template or base (search-then-bind)")
-    search_only = ("bind_dn", "bind_password_file", "scope", "filter")
-    if template is not None:
-        for key in search_only:
-            if key in options:
-                raise ConfigError(f"{where}: {key} is for search-then-bind, not dn_template")
-        if "%s" not in template:
-            raise ConfigError(f"{where}: DN template {template!r} has no %s for the user name")
-        _check_dn(template.replace("%s", "user"), f"{where}: DN template {template!r}")
-    else:
-        assert base is not None
-        _check_dn(base, f"{where}: base {base!r}")
-
-    bind_dn = _text(options, "bind_dn", where)
-    password_file = _text(options, "bind_password_file", where)
-    bind_password = ""
-    if (bind_dn is None) != (password_file is None):
-        raise ConfigError(f"{where}: bind_dn and bind_password_file go together")
-    if bind_dn is not None and password_file is not None:
-        _check_dn(bind_dn, f"{where}: bind_dn {bind_dn!r}")
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                warn_if_shared(os.fstat(f.fileno()), password_file, f"{where}: bind_password_file")
-                bind_password = f.read().rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{where}: bind_password_file {password_file}: {error}") from None
-        if not bind_password:
-            # Empty would be an unauthenticated bind (RFC 4513 §5.1.2), not a service login.
-            raise ConfigError(f"{where}: bind_password_file {password_file} is empty")
-
-    scope = options.get("scope", "sub")
-    if scope not in SCOPES:
-        raise ConfigError(f'{where}: scope must be "sub", "one" or "base"')
-    query = _text(options, "filter", where) or DEFAULT_FILTER
-    if "%s" not in query:
-        raise ConfigError(f"{where}: filter {query!r} has no %s for the user name")
-    if not _balanced(query):
-        raise ConfigError(f"{where}: filter {query!r} is not a parenthesised LDAP filter")
-
-    starttls = options.get("starttls", False)
-    if not isinstance(starttls, bool):
-        raise ConfigError(f"{where}: starttls must be true or false")
-    if starttls and any(u.lower().startswith("ldaps:") for u in uris):
-        raise ConfigError(f"{where}: starttls with ldaps:// would start TLS twice")
-    ca_file = _text(options, "ca_file", where)
-    if ca_file is not None:
-        if not starttls and not any(u.lower().startswith("ldaps:") for u in uris):
-            raise ConfigError(f"{where}: ca_file needs starttls = true or an ldaps:// uri")
-        if not os.path.isfile(ca_file) or not os.access(ca_file, os.R_OK):
-            raise ConfigError(f"{where}: ca_file {ca_file} is not a readable file")
-
-    network_timeout = _seconds(options, "network_timeout", 5.0, where)
-    timeout = _seconds(options, "timeout", 10.0, where)
-    workers = options.get("workers", 4)
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
-        raise ConfigError(f"{where}: workers must be a whole number from 1 to 256")
-    attribute = _text(options, "user_attribute", where) or _named_by(template, query, where)
+def _settings(options: Options) -> Settings:
+    """The declaration checked names and types; here, what each value must mean."""
+    uris = _uris(options)
+    template = _bind_target(options)
+    query = _filter(options)
+    bind_dn, bind_password = _service_account(options)
+    starttls = _tls(options, uris)
+    attribute = options["user_attribute"] or _named_by(template, query, options.where)
     if not _ATTRIBUTE.match(attribute):
-        raise ConfigError(f"{where}: user_attribute {attribute!r} is not an attribute name")
+        raise options.error(f"user_attribute {attribute!r} is not an attribute name")
     return Settings(
         uris=uris,
         dn_template=template,
         bind_dn=bind_dn,
         bind_password=bind_password,
-        base=base or "",
-        scope=scope,
+        base=options["base"] or "",
+        scope=options["scope"],
         filter=query,
         starttls=starttls,
-        ca_file=ca_file,
-        network_timeout=network_timeout,
-        timeout=timeout,
-        workers=workers,
+        ca_file=options["ca_file"],
+        network_timeout=options["network_timeout"],
+        timeout=options["timeout"],
+        workers=options["workers"],
         user_attribute=attribute,
     )
+
+
+def _uris(options: Options) -> tuple[str, ...]:
+    raw_uris = options["uri"]
+    uris: Sequence[Any] = [raw_uris] if isinstance(raw_uris, str) else raw_uris or []
+    if not uris or not isinstance(uris, list | tuple) or not all(isinstance(u, str) for u in uris):
+        raise options.error('uri must be "ldap://HOST[:PORT]" or a list of them')
+    for uri in uris:
+        _check_uri(uri, options.where)
+    unique = tuple(u.rstrip("/") for u in uris)
+    if len(set(unique)) != len(unique):
+        raise options.error("uri lists a server twice")
+    return unique
+
+
+def _bind_target(options: Options) -> str | None:
+    """The DN template, or None for search-then-bind under `base`."""
+    template, base = options["dn_template"], options["base"]
+    if (template is None) == (base is None):
+        raise options.error("give either dn_template or base (search-then-bind)")
+    if template is None:
+        _check_dn(base, f"{options.where}: base {base!r}")
+        return None
+    for key in ("bind_dn", "bind_password_file", "scope", "filter"):
+        if key in options:
+            raise options.error(f"{key} is for search-then-bind, not dn_template")
+    if "%s" not in template:
+        raise options.error(f"DN template {template!r} has no %s for the user name")
+    _check_dn(template.replace("%s", "user"), f"{options.where}: DN template {template!r}")
+    return str(template)
+
+
+def _filter(options: Options) -> str:
+    if options["scope"] not in SCOPES:
+        raise options.error('scope must be "sub", "one" or "base"')
+    query = str(options["filter"])
+    if "%s" not in query:
+        raise options.error(f"filter {query!r} has no %s for the user name")
+    if not _balanced(query):
+        raise options.error(f"filter {query!r} is not a parenthesised LDAP filter")
+    return query
+
+
+def _service_account(options: Options) -> tuple[str | None, str]:
+    """(bind_dn, its password) for the search; (None, "") searches anonymously."""
+    bind_dn, password_file = options["bind_dn"], options["bind_password_file"]
+    if (bind_dn is None) != (password_file is None):
+        raise options.error("bind_dn and bind_password_file go together")
+    if bind_dn is None:
+        return None, ""
+    where = options.where
+    _check_dn(bind_dn, f"{where}: bind_dn {bind_dn!r}")
+    try:
+        with open(password_file, encoding="utf-8") as f:
+            warn_if_shared(os.fstat(f.fileno()), password_file, f"{where}: bind_password_file")
+            bind_password = f.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise options.error(f"bind_password_file {password_file}: {error}") from None
+    if not bind_password:
+        # Empty would be an unauthenticated bind (RFC 4513 §5.1.2), not a service login.
+        raise options.error(f"bind_password_file {password_file} is empty")
+    return str(bind_dn), bind_password
+
+
+def _tls(options: Options, uris: tuple[str, ...]) -> bool:
+    starttls: bool = options["starttls"]
+    ldaps = any(u.lower().startswith("ldaps:") for u in uris)
+    if starttls and ldaps:
+        raise options.error("starttls with ldaps:// would start TLS twice")
+    ca_file = options["ca_file"]
+    if ca_file is not None:
+        if not starttls and not ldaps:
+            raise options.error("ca_file needs starttls = true or an ldaps:// uri")
+        if not os.path.isfile(ca_file) or not os.access(ca_file, os.R_OK):
+            raise options.error(f"ca_file {ca_file} is not a readable file")
+    return starttls
 
 
 def _named_by(template: str | None, query: str, where: str) -> str:
@@ -501,20 +507,6 @@ def _named_by(template: str | None, query: str, where: str) -> str:
     if compared is None:
         raise ConfigError(f"{where}: filter {query!r}: set user_attribute (the name attribute)")
     return compared.group(1)
-
-
-def _text(options: Mapping[str, Any], key: str, where: str) -> str | None:
-    value = options.get(key)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ConfigError(f"{where}: {key} must be a non-empty string")
-    return value
-
-
-def _seconds(options: Mapping[str, Any], key: str, default: float, where: str) -> float:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 3600:
-        raise ConfigError(f"{where}: {key} must be a number of seconds above 0")
-    return float(value)
 
 
 def _check_dn(dn: str, what: str) -> None:

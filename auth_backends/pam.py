@@ -49,8 +49,9 @@ from pam.__internals import (  # python-pam
     conv_func,
 )
 
-from auth_backends import BackendSpec
+from auth_backends.kinds.pam import BACKEND
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
+from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 from ofmipd.logs import printable
@@ -241,24 +242,14 @@ class PamAuth:
 
 
 def create(spec: BackendSpec) -> PamAuth:
-    options = dict(spec.options)
-    where = f"-m {spec.arg}" if spec.arg is not None else '[[auth]] kind="pam"'
-    service = spec.arg if spec.arg is not None else options.get("service")
-    options.pop("service", None)
-    workers = options.pop("workers", 4)
-    timeout = options.pop("timeout", 10.0)
-    if options:
-        raise ConfigError(f"{where}: unknown setting {sorted(options)[0]!r}")
-    if not isinstance(service, str) or not _SERVICE_NAME.match(service):
-        raise ConfigError(f'{where}: service must be a PAM service name like "ofmipd"')
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
-        raise ConfigError(f"{where}: workers must be a whole number from 1 to 256")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise ConfigError(f"{where}: timeout must be a positive number of seconds")
+    settings = BACKEND.settings(spec)
+    service, where = settings["service"], settings.where
+    if not _SERVICE_NAME.match(service):
+        raise settings.error('service must be a PAM service name like "ofmipd"')
     # Linux-PAM silently falls back to the "other" service for a missing file, so a typo
     # would quietly authenticate against whatever "other" allows.
     if os.path.isdir(SERVICE_DIRS[0]) and not any(
         os.path.isfile(os.path.join(d, service)) for d in SERVICE_DIRS
     ):
         raise ConfigError(f"{where}: no PAM service file {SERVICE_DIRS[0]}/{service}")
-    return PamAuth(service, workers, float(timeout))
+    return PamAuth(service, settings["workers"], settings["timeout"])

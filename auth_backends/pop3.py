@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import re
 
-from auth_backends import BackendSpec
-from auth_backends.ipauthmap import Conversation, ProtocolError, RemoteServer, safe_text
+from auth_backends.kinds.pop3 import BACKEND
+from auth_backends.remote import Conversation, ProtocolError, RemoteServer, safe_text
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
+from ofmipd.config import BackendSpec
 from ofmipd.identity import ClientIdentity
 
 SCHEMES = {"pop3": (110, False), "pop3s": (995, True), "apop": (110, False)}
@@ -104,4 +105,4 @@ class Pop3Login:
 
 
 def create(spec: BackendSpec) -> Pop3Login:
-    return Pop3Login(RemoteServer.from_spec(spec, SCHEMES))
+    return Pop3Login(RemoteServer.from_settings(BACKEND.settings(spec), SCHEMES))

@@ -153,7 +153,7 @@ def ipauthmap_routes(chain: Chain, client: identity.ClientIdentity) -> list[str]
     """For IMAP/POP3 backends with host 0.0.0.0: the server the map picks for local_ip."""
     routes = []
     for backend in chain.backends:
-        server = getattr(backend, "server", None)  # auth_backends.ipauthmap.RemoteServer
+        server = getattr(backend, "server", None)  # auth_backends.remote.RemoteServer
         ipauthmap = getattr(server, "ipauthmap", None)
         if server is None or ipauthmap is None:
             continue

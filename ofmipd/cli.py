@@ -15,7 +15,6 @@ from ofmipd import __version__, logs
 from ofmipd.config import (
     LOOPBACK,
     Config,
-    backend_from_flag,
     load_toml,
     merge,
     parse_listen,
@@ -67,54 +66,43 @@ class Parser(argparse.ArgumentParser):
 class _AuthFlag(argparse.Action):
     """Collects every authenticator flag into one list, in command-line order."""
 
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         flags = list(getattr(namespace, "auth_flags", None) or [])
         flags.append((self.dest, values))
         namespace.auth_flags = flags
 
 
 def add_auth_options(parser: argparse.ArgumentParser) -> None:
-    """Authenticator and config options, shared with ofmipd-authtest."""
+    """Authenticator and config options, shared with ofmipd-authtest: one flag per backend
+    that has one, and -R for those chosen by a URL scheme, all from their declarations."""
+    from auth_backends import all_declared
+
     group = parser.add_argument_group("authentication (tried in the order given)")
-    group.add_argument(
-        "-a",
-        "--authfile",
-        dest="authfile",
-        action=_AuthFlag,
-        metavar="FILE",
-        help="user:password file, mode 0400 or 0600",
-    )
-    group.add_argument(
-        "--htpasswd",
-        dest="htpasswd",
-        action=_AuthFlag,
-        metavar="FILE",
-        help="Apache htpasswd file (bcrypt, apr1, SHA, sha256/512-crypt)",
-    )
-    group.add_argument(
-        "-A",
-        "--authprog",
-        dest="authprog",
-        action=_AuthFlag,
-        metavar="PROGRAM",
-        help='checkpassword program and arguments, e.g. "checkpassword-pam -s id -- /bin/true"',
-    )
-    group.add_argument(
-        "-m",
-        "--pamauth",
-        dest="pamauth",
-        action=_AuthFlag,
-        metavar="SERVICE",
-        help="PAM service name",
-    )
+    urls = []
+    for backend in all_declared():
+        if backend.flags:
+            group.add_argument(
+                *backend.flags,
+                dest=backend.kind,
+                action=_AuthFlag,
+                metavar=backend.metavar,
+                help=backend.help.replace("%", "%%"),
+            )
+        if backend.url:
+            urls.append(backend.url)
     group.add_argument(
         "-R",
         "--remoteauth",
         dest="remoteauth",
         action=_AuthFlag,
         metavar="URL",
-        help="ldap[s]://host[:port]/uid=%%s,dc=..., imap[s]://host[:port], "
-        "pop3://host[:port], apop://host[:port]",
+        help=", ".join(urls).replace("%", "%%"),
     )
     group.add_argument(
         "-F",
@@ -358,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def auth_specs(args: argparse.Namespace) -> tuple[Any, ...]:
-    return tuple(backend_from_flag(flag, value) for flag, value in args.auth_flags)
+    from auth_backends import spec_from_flag
+
+    return tuple(spec_from_flag(kind, value) for kind, value in args.auth_flags)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -7,9 +7,10 @@ problem becomes one ConfigError line; ofmipd prints it and exits 2.
 # No `from __future__ import annotations` here: typing.NamedTuple would compile each of
 # Config's 39 string annotations at import (~0.5 ms), which every `ofmipd -1` pays.
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from auth_backends import BackendSpec, kind_for_url
 from ofmipd.errors import ConfigError
 
 TLS_MODES = ("optional", "localoptional", "on")
@@ -23,6 +24,20 @@ class Listen(NamedTuple):
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class BackendSpec(NamedTuple):
+    """One configured backend: from a flag (`arg`) or a TOML [[auth]] table (`options`).
+
+    The kind is a name, not a module: auth_backends' registry resolves it when the chain
+    is built, so configuration does not depend on the plug-ins."""
+
+    kind: str
+    arg: str | None = None  # the flag's value, e.g. the -R URL or -A command line
+    options: Mapping[str, Any] = MappingProxyType({})  # shared, so read-only
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.arg}" if self.arg else self.kind
 
 
 class Config(NamedTuple):
@@ -108,20 +123,6 @@ def parse_listen(text: str, *, ipv6: bool = False) -> Listen:
     if ipv6 and ":" not in host and host not in ("", "localhost"):
         raise ConfigError(f"-6 {text!r}: {host} is not an IPv6 address")
     return Listen(host or ("::" if ipv6 else "0.0.0.0"), int(port))
-
-
-def backend_from_flag(flag: str, value: str) -> BackendSpec:
-    kind = {
-        "authfile": "authfile",
-        "htpasswd": "htpasswd",
-        "authprog": "checkpassword",
-        "pamauth": "pam",
-    }.get(flag)
-    if flag == "remoteauth":
-        kind = kind_for_url(value)
-    if kind is None:
-        raise ConfigError(f"unknown authentication option --{flag}")
-    return BackendSpec(kind=kind, arg=value)
 
 
 def load_toml(path: str) -> Config:
@@ -233,18 +234,24 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
         if value is not None:
             values[key] = value
     _no_leftovers(logging_table, f"{source} [log]")
-    auth = _take(data, "auth", list, source) or []
+    specs = auth_specs(_take(data, "auth", list, source) or [], source)
+    if specs:
+        values["auth"] = specs
+    _no_leftovers(data, source)
+    return Config(**values)
+
+
+def auth_specs(tables: list[Any], source: str) -> tuple[BackendSpec, ...]:
+    """[[auth]] tables as given: the registry checks the kind and its options when the
+    chain is built (also by --check-config), so this module needs no plug-in."""
     specs = []
-    for number, table in enumerate(auth, 1):
+    for number, table in enumerate(tables, 1):
         if not isinstance(table, dict) or "kind" not in table:
             raise ConfigError(f'{source}: [[auth]] entry {number} needs kind = "..."')
         options = dict(table)
         kind = str(options.pop("kind"))
         specs.append(BackendSpec(kind=kind, options=options))
-    if specs:
-        values["auth"] = tuple(specs)
-    _no_leftovers(data, source)
-    return Config(**values)
+    return tuple(specs)
 
 
 def tls_in_front_list(value: bool | str | list[Any]) -> tuple[str, ...]:
@@ -326,4 +333,4 @@ def validate(config: Config) -> Config:
     return config
 
 
-__all__ = ["Config", "ConfigError", "Listen"]
+__all__ = ["BackendSpec", "Config", "ConfigError", "Listen"]

@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from auth_backends import BackendSpec, create, kind_for_url
+from auth_backends import BackendSpec, create, kind_for_url, spec_from_flag
 from auth_backends.imap import ImapLogin, astring
 from auth_backends.imap import _verdict as imap_verdict
 from auth_backends.ipauthmap import default_map_path, parse_map
 from auth_backends.pop3 import Pop3Login
 from auth_backends.pop3 import _verdict as pop3_verdict
 from ofmipd.auth import Verdict
-from ofmipd.config import backend_from_flag
 from ofmipd.errors import ConfigError
 
 
 def from_flag(url: str):  # the path `-R URL` takes
-    return create(backend_from_flag("remoteauth", url))
+    return create(spec_from_flag("remoteauth", url))
 
 
 @pytest.mark.parametrize(
