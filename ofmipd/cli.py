@@ -49,7 +49,8 @@ class HelpFormatter(argparse.HelpFormatter):
     to learn the terminal width even when no help is printed."""
 
     def __init__(self, prog: str, **kwargs: Any) -> None:
-        kwargs.setdefault("width", terminal_width() - 2)  # what argparse itself subtracts
+        if "width" not in kwargs:  # not setdefault: that would ask the terminal every time
+            kwargs["width"] = terminal_width() - 2  # what argparse itself subtracts
         super().__init__(prog, **kwargs)
 
 
@@ -59,7 +60,7 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # The terminal is asked once per parser, not for each formatter argparse makes
         # (one per add_argument on the parser itself, ~4 us each).
-        width = terminal_width() - 2  # what argparse itself subtracts
+        width = terminal_width() - 2
         kwargs.setdefault("formatter_class", lambda prog: HelpFormatter(prog, width=width))
         super().__init__(*args, **kwargs)
 
