@@ -1,6 +1,8 @@
 """Configuration as immutable records (NamedTuples), from TOML merged with command-line flags.
 
-Flags win over the file. Backends keep the order they were given in. Every
+Each setting is declared once, in SETTINGS: its Config field, its flag and its TOML key.
+cli.build_parser makes the flags from it, from_mapping reads TOML with it. Flags win over
+the file. Backends keep the order they were given in. Every
 problem becomes one ConfigError line; ofmipd prints it and exits 2.
 """
 
@@ -9,18 +11,37 @@ problem becomes one ConfigError line; ofmipd prints it and exits 2.
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ofmipd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 TLS_MODES = ("optional", "localoptional", "on")
 DEFAULT_MAX_PER_IP = 10
 LOOPBACK = ("127.0.0.0/8", "::1/128")  # --tls-in-front without a list
 
 
-class Listen(NamedTuple):
-    host: str
-    port: int
+class Listen:
+    """An address to listen on. A plain class: a NamedTuple costs every start-up ~0.1 ms."""
+
+    __slots__ = ("host", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Listen):
+            return NotImplemented
+        return (self.host, self.port) == (other.host, other.port)
+
+    def __hash__(self) -> int:
+        return hash((self.host, self.port))
+
+    def __repr__(self) -> str:
+        return f"Listen(host={self.host!r}, port={self.port!r})"
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -144,7 +165,8 @@ def load_toml(path: str) -> Config:
 def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
     value = table.pop(key, None)
     if value is not None and not isinstance(value, kind):
-        raise ConfigError(f"{where}: {key} must be {getattr(kind, '__name__', kind)}")
+        names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ConfigError(f"{where}: {key} must be {names}")
     return value
 
 
@@ -152,91 +174,21 @@ def from_mapping(data: dict[str, Any], *, source: str) -> Config:
     """Turn a parsed TOML document into a Config; unknown keys are errors, not silence."""
     data = dict(data)
     values: dict[str, Any] = {"source": source}
-    listen = _take(data, "listen", (list, str), source)
-    if listen is not None:
-        values["listen"] = tuple(
-            parse_listen(x) for x in ([listen] if isinstance(listen, str) else listen)
-        )
-    simple: dict[str, type | tuple[type, ...]] = {
-        "one_session": bool,
-        "connections": int,
-        "workers": int,
-        "background": bool,
-        "user": str,
-        "hostname": str,
-        "auth_timeout": (int, float),
-        "rules": str,
-        "size_limit": int,
-        "idle_timeout": (int, float),
-        "ehlo_timeout": (int, float),
-        "max_recipients": int,
-        "data_timeout": (int, float),
-        "max_errors": int,
-        "max_commands": int,
-        "max_per_ip": int,
-        "sender_map": str,
-        "ratelimit_fail_open": bool,
-        "state_dir": str,
-        "metrics": str,
-        "reverse_dns": bool,
-        "bare_newline": str,
-    }
-    for key, expected in simple.items():
-        value = _take(data, key, expected, source)
+    _take_ratelimit_table(data, values)
+    tables = {name: dict(_take(data, name, dict, source) or {}) for name in TOML_TABLES}
+    for setting in SETTINGS:
+        if setting.toml is None or setting.field is None:
+            continue
+        table, _, key = setting.toml.rpartition(".")
+        where = f"{source} [{table}]" if table else source
+        value = _take(tables[table] if table else data, key, setting.toml_types, where)
         if value is not None:
-            values["username" if key == "user" else key] = value
-    ratelimit = _take(data, "ratelimit", (str, dict), source)
-    if isinstance(ratelimit, str):
-        values["ratelimit"] = ratelimit
-    elif isinstance(ratelimit, dict):  # [ratelimit] store = "redis://..." max_failures = 5 ...
-        options = dict(ratelimit)
-        store = options.pop("store", None)
-        if store is not None:
-            values["ratelimit"] = str(store)
-        values["ratelimit_options"] = tuple(sorted(options.items()))
-    tls_in_front = _take(data, "tls_in_front", (bool, str, list), source)
-    if tls_in_front is not None:
-        values["tls_in_front"] = tls_in_front_list(tls_in_front)
-    rule_tables = _take(data, "rule", list, source)
-    if rule_tables:
-        values["rule_tables"] = tuple(rule_tables)
-    proxies = _take(data, "proxy_protocol", (list, str), source)
-    if proxies is not None:
-        values["proxy_protocol"] = tuple([proxies] if isinstance(proxies, str) else proxies)
-    tls = dict(_take(data, "tls", dict, source) or {})
-    for key, name in (
-        ("mode", "tls"),
-        ("cert", "ssl_cert"),
-        ("key", "ssl_key"),
-        ("ciphers", "ciphers"),
-    ):
-        value = _take(tls, key, str, f"{source} [tls]")
-        if value is not None:
-            values[name] = value
-    implicit = _take(tls, "implicit", bool, f"{source} [tls]")
-    if implicit is not None:
-        values["ssl"] = implicit
-    _no_leftovers(tls, f"{source} [tls]")
-    delivery = dict(_take(data, "delivery", dict, source) or {})
-    for key, expected_type in (
-        ("sendmail", str),
-        ("maildir", str),
-        ("throttle_script", str),
-        ("timeout", (int, float)),
-    ):
-        value = _take(delivery, key, expected_type, f"{source} [delivery]")
-        if value is not None:
-            values["delivery_timeout" if key == "timeout" else key] = value
-    _no_leftovers(delivery, f"{source} [delivery]")
-    logging_table = dict(_take(data, "log", dict, source) or {})
-    for key in ("debug", "syslog"):
-        value = _take(logging_table, key, bool, f"{source} [log]")
-        if value is not None:
-            values[key] = value
-    _no_leftovers(logging_table, f"{source} [log]")
+            values[setting.field] = setting.from_toml(value) if setting.from_toml else value
     specs = auth_specs(_take(data, "auth", list, source) or [], source)
     if specs:
         values["auth"] = specs
+    for name, leftovers in tables.items():
+        _no_leftovers(leftovers, f"{source} [{name}]")
     _no_leftovers(data, source)
     return Config(**values)
 
@@ -252,6 +204,35 @@ def auth_specs(tables: list[Any], source: str) -> tuple[BackendSpec, ...]:
         kind = str(options.pop("kind"))
         specs.append(BackendSpec(kind=kind, options=options))
     return tuple(specs)
+
+
+def _take_ratelimit_table(data: dict[str, Any], values: dict[str, Any]) -> None:
+    """[ratelimit] store = "redis://..." max_failures = 5 ...: the store, and the rest for the
+    limiter to check. (ratelimit = "redis://..." alone is an ordinary setting.)"""
+    if not isinstance(data.get("ratelimit"), dict):
+        return
+    options = dict(data.pop("ratelimit"))
+    store = options.pop("store", None)
+    if store is not None:
+        values["ratelimit"] = str(store)
+    values["ratelimit_options"] = tuple(sorted(options.items()))
+
+
+def from_flags(args: Any) -> dict[str, Any]:
+    """The settings given on the command line (an argparse Namespace built by
+    cli.build_parser from SETTINGS), by Config field; a flag not given is left out."""
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        given = getattr(args, setting.dest, None) if setting.flags else None
+        if setting.field is None or given is None:
+            continue
+        convert = setting.from_flag
+        if setting.repeat:  # -p and -6 both add listeners
+            more = tuple(convert(x) for x in given) if convert else tuple(given)
+            values[setting.field] = values.get(setting.field, ()) + more
+        else:
+            values[setting.field] = convert(given) if convert else given
+    return values
 
 
 def tls_in_front_list(value: bool | str | list[Any]) -> tuple[str, ...]:
@@ -274,6 +255,195 @@ def _no_leftovers(table: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: unknown setting {sorted(table)[0]!r}")
 
 
+def _listen_list(value: str | list[Any]) -> tuple[Listen, ...]:
+    return tuple(parse_listen(x) for x in ([value] if isinstance(value, str) else value))
+
+
+def _listen_v6(text: str) -> Listen:
+    return parse_listen(text, ipv6=True)
+
+
+def _cidr_list(value: str | list[Any]) -> tuple[str, ...]:
+    """--proxy-protocol CIDR,CIDR or TOML "CIDR,CIDR" | ["CIDR", ...]."""
+    if isinstance(value, str):
+        return tuple(x for x in value.split(",") if x.strip())
+    return tuple(value)
+
+
+class Setting:
+    """One setting, declared once: cli.build_parser makes its flag from this, from_mapping
+    reads its TOML key, from_flags and validate use it, and tests/test_settings.py checks
+    that flag and key mean the same. A new setting is one entry in SETTINGS (and its field
+    in Config). A plain class: a NamedTuple of 13 fields costs every start-up ~0.15 ms."""
+
+    __slots__ = (
+        "field", "flags", "help", "group", "value_type", "metavar", "toml", "toml_types",
+        "choices", "const", "repeat", "from_flag", "from_toml", "dest",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        field: str | None,  # the Config field; None for a command-line action (--check-config)
+        flags: tuple[str, ...],  # () when only TOML can set it
+        help: str,
+        group: str = "",  # the --help section
+        value_type: type = str,  # bool: a flag without a value
+        metavar: str | None = None,
+        *,
+        toml: str | None = None,  # "key", or "table.key" for [table] key; None: flags only
+        toml_type: "type | tuple[type, ...] | None" = None,  # what TOML may hold, if not value_type
+        choices: tuple[str, ...] | None = None,
+        const: Any = None,  # what a value-less use means: a bool flag's value (default True)
+        repeat: bool = False,  # the flag may be repeated; its values add up
+        from_flag: "Callable[[Any], Any] | None" = None,  # converts the (each) flag value
+        from_toml: "Callable[[Any], Any] | None" = None,  # converts the TOML value
+    ) -> None:
+        self.field = field
+        self.flags = flags
+        self.help = help
+        self.group = group
+        self.value_type = value_type
+        self.metavar = metavar
+        self.toml = toml
+        if toml_type is None:
+            toml_type = (int, float) if value_type is float else value_type
+        self.toml_types = toml_type
+        self.choices = choices
+        self.const = const
+        self.repeat = repeat
+        self.from_flag = from_flag
+        self.from_toml = from_toml
+        # The argparse name: from the long flag, which comes last (-C, --connections).
+        self.dest = flags[-1].lstrip("-").replace("-", "_") if flags else ""
+
+    def __repr__(self) -> str:
+        return f"Setting({self.field!r}, {self.flags!r}, toml={self.toml!r})"
+
+
+GENERAL = "general"
+CONNECTIONS = "connections"
+TLS = "TLS"
+DELIVERY = "delivery"
+LIMITS = "limits and abuse resistance"
+TOML_TABLES = ("tls", "delivery", "log")  # [table] key; the [ratelimit] table is its own
+
+# In --help order, group by group; the authentication flags come from auth_backends.
+SETTINGS = (
+    Setting("debug", ("-d", "--debug"), "protocol trace (AUTH payloads and passwords redacted)",
+            GENERAL, bool, toml="log.debug"),
+    Setting("log", ("-L", "--log"), "log sessions and authentications to stderr",
+            GENERAL, bool),
+    Setting("syslog", ("--syslog",), "log to syslog", GENERAL, bool, toml="log.syslog"),
+    Setting("background", ("-b", "--background"), "detach and run in the background",
+            GENERAL, bool, toml="background"),
+    Setting(None, ("-f", "--foreground"), "stay in the foreground (the default)", GENERAL, bool),
+    Setting("username", ("-u", "--username"), "drop privileges to USER after binding",
+            GENERAL, metavar="USER", toml="user"),
+    Setting("hostname", ("--hostname",),
+            "name in the banner and Received header (default: this host's FQDN)",
+            GENERAL, metavar="FQDN", toml="hostname"),
+    Setting(None, ("--check-config",), "validate the configuration, print it, exit 0 or 2",
+            GENERAL, bool),
+    Setting("listen", ("-p", "--proxyport"), "listen here (repeatable; default 127.0.0.1:8025)",
+            CONNECTIONS, metavar="HOST:PORT", toml="listen", toml_type=(list, str), repeat=True,
+            from_flag=parse_listen, from_toml=_listen_list),
+    Setting("listen", ("-6", "--ipv6proxyport"),
+            "listen on an IPv6 address (repeatable), e.g. [::1]:8025",
+            CONNECTIONS, metavar="HOST:PORT", repeat=True, from_flag=_listen_v6),
+    Setting("connections", ("-C", "--connections"),
+            "simultaneous sessions (default 100); more clients wait",
+            CONNECTIONS, int, "N", toml="connections"),
+    Setting("workers", ("--workers",),
+            "N processes share the listening sockets (default 1); -C applies per worker",
+            CONNECTIONS, int, "N", toml="workers"),
+    Setting("one_session", ("-1", "--one-session"),
+            "one SMTP session on stdin/stdout (inetd, tcpserver, stunnel, systemd)",
+            CONNECTIONS, bool, toml="one_session"),
+    Setting("rules", ("--rules",), "host-based access rules", CONNECTIONS, metavar="FILE",
+            toml="rules"),
+    Setting("rule_tables", (), "host-based access rules as [[rule]] tables", toml="rule",
+            toml_type=list, from_toml=tuple),
+    Setting("proxy_protocol", ("--proxy-protocol",),
+            "expect a PROXY v1/v2 header from these peers",
+            CONNECTIONS, metavar="CIDR[,CIDR...]", toml="proxy_protocol", toml_type=(list, str),
+            from_flag=_cidr_list, from_toml=_cidr_list),
+    Setting("tls_in_front", ("--tls-in-front",),
+            "a TLS terminator (stunnel, haproxy) at these peers already encrypts the channel "
+            "(no list: loopback; one-session mode also trusts a socketpair or pipes)",
+            CONNECTIONS, metavar="CIDR[,CIDR...]", toml="tls_in_front",
+            toml_type=(bool, str, list), const=",".join(LOOPBACK),
+            from_flag=tls_in_front_list, from_toml=tls_in_front_list),
+    Setting("ssl", ("--ssl",), "implicit TLS from the first byte (port 465)", TLS, bool,
+            toml="tls.implicit"),
+    Setting("tls", ("--tls",), "offer STARTTLS: optional, localoptional or on", TLS,
+            metavar="MODE", toml="tls.mode", choices=TLS_MODES),
+    Setting("ssl_cert", ("--ssl-cert",), "PEM certificate (chain; may hold the key)", TLS,
+            metavar="FILE", toml="tls.cert"),
+    Setting("ssl_key", ("--ssl-key",), "PEM private key", TLS, metavar="FILE", toml="tls.key"),
+    Setting("ciphers", ("--ciphers",), "OpenSSL cipher list for TLS 1.2", TLS, metavar="LIST",
+            toml="tls.ciphers"),
+    Setting("sendmail", ("--sendmail",),
+            "injector (default $OFMIPD_SENDMAIL, $TMDA_SENDMAIL_PROGRAM, /usr/sbin/sendmail)",
+            DELIVERY, metavar="PROGRAM", toml="delivery.sendmail"),
+    Setting("maildir", ("--maildir",), "deliver into this Maildir instead", DELIVERY,
+            metavar="DIR", toml="delivery.maildir"),
+    Setting("throttle_script", ("-t", "--throttle-script"),
+            "run with the user name before delivery; non-zero exit refuses",
+            DELIVERY, metavar="PATH", toml="delivery.throttle_script"),
+    Setting("size_limit", ("--size-limit",), "largest message (default 35 MiB; SIZE is advertised)",
+            LIMITS, int, "BYTES", toml="size_limit"),
+    Setting("max_recipients", ("--max-recipients",), "recipients per message (default 100)",
+            LIMITS, int, "N", toml="max_recipients"),
+    Setting("max_errors", ("--max-errors",), "error replies before 421 and close (default 20)",
+            LIMITS, int, "N", toml="max_errors"),
+    Setting("max_commands", ("--max-commands",), "uses of one command per session (default 1000)",
+            LIMITS, int, "N", toml="max_commands"),
+    Setting("max_per_ip", ("--max-per-ip",),
+            "simultaneous sessions from one client address (default 10, or -C/4 if smaller)",
+            LIMITS, int, "N", toml="max_per_ip"),
+    Setting("idle_timeout", ("--idle-timeout",), "wait for a command at most this long "
+            "(default 300)", LIMITS, float, "SECONDS", toml="idle_timeout"),
+    Setting("ehlo_timeout", ("--ehlo-timeout",),
+            "time from connect to EHLO/HELO, including a PROXY header and the implicit TLS "
+            "handshake; NOOPs do not extend it (default 20)",
+            LIMITS, float, "SECONDS", toml="ehlo_timeout"),
+    Setting("data_timeout", ("--data-timeout",),
+            "time allowed for a whole DATA transfer (default 600)",
+            LIMITS, float, "SECONDS", toml="data_timeout"),
+    Setting("delivery_timeout", ("--delivery-timeout",),
+            "time allowed for the injector and throttle script (default 300)",
+            LIMITS, float, "SECONDS", toml="delivery.timeout"),
+    Setting("auth_timeout", ("--auth-timeout",),
+            "time allowed for each authenticator (default 30)",
+            LIMITS, float, "SECONDS", toml="auth_timeout"),
+    Setting("sender_map", ("--sender-map",),
+            "user -> allowed envelope senders; others get 553 5.7.1",
+            LIMITS, metavar="FILE", toml="sender_map"),
+    Setting("ratelimit", ("--ratelimit",),
+            "where failed logins are counted, per client and per user (default sqlite, in "
+            "--state-dir; memory: one daemon only); off turns guessing limits off",
+            LIMITS, metavar="sqlite|memory|redis://HOST:PORT/DB|off", toml="ratelimit",
+            toml_type=(str, dict)),  # a [ratelimit] table: _take_ratelimit_table
+    Setting("ratelimit_fail_open", ("--ratelimit-fail-closed",),
+            "refuse logins while the rate-limit store cannot be used (default: fall back to a "
+            "limit in process memory)",
+            LIMITS, bool, toml="ratelimit_fail_open", const=False),
+    Setting("state_dir", ("--state-dir",),
+            "directory for the sqlite rate-limit store, made 0700 for the -u user (default "
+            "$STATE_DIRECTORY, else /var/lib/ofmipd)",
+            LIMITS, metavar="DIR", toml="state_dir"),
+    Setting("bare_newline", ("--bare-newline",),
+            "a bare LF or CR in a message: take it as a line ending (normalize, the default) "
+            "or refuse the message with 550 5.5.2",
+            LIMITS, toml="bare_newline", choices=("normalize", "reject")),
+    Setting("metrics", ("--metrics",), "serve Prometheus metrics here", LIMITS,
+            metavar="HOST:PORT", toml="metrics"),
+    Setting("reverse_dns", ("--no-reverse-dns",),
+            "do not look up client names for the Received header",
+            LIMITS, bool, toml="reverse_dns", const=False),
+)  # fmt: skip
+
+
 def merge(base: Config, flags: dict[str, Any]) -> Config:
     """Flags that were given replace the file's values (auth flags replace the whole chain)."""
     known = set(Config._fields)
@@ -287,16 +457,31 @@ def validate(config: Config) -> Config:
             "no authenticator configured: give at least one of -a FILE, --htpasswd FILE, "
             "-A PROGRAM, -m SERVICE, -R URL (or [[auth]] in --config)"
         )
-    if config.tls is not None and config.tls not in TLS_MODES:
-        raise ConfigError(f"--tls {config.tls!r}: must be one of {', '.join(TLS_MODES)}")
+    _check_choices(config)
     if config.ssl and config.tls:
         raise ConfigError("--ssl and --tls exclude each other (implicit TLS has no STARTTLS)")
     if (config.ssl or config.tls) and not config.ssl_cert:
         raise ConfigError("--ssl and --tls need --ssl-cert FILE")
-    if config.connections < 1:
-        raise ConfigError(f"--connections {config.connections}: must be a positive integer")
     if config.sendmail and config.maildir:
         raise ConfigError("--sendmail and --maildir exclude each other: choose one delivery")
+    _check_numbers(config)
+    _check_processes(config)
+    return config
+
+
+def _check_choices(config: Config) -> None:
+    """For TOML values: argparse already checked the flags'."""
+    for setting in SETTINGS:
+        if setting.choices and setting.field:
+            value = getattr(config, setting.field)
+            if value is not None and value not in setting.choices:
+                choices = ", ".join(setting.choices)
+                raise ConfigError(f"{setting.flags[-1]} {value!r}: must be one of {choices}")
+
+
+def _check_numbers(config: Config) -> None:
+    if config.connections < 1:
+        raise ConfigError(f"--connections {config.connections}: must be a positive integer")
     for name in ("max_recipients", "max_errors", "max_commands", "max_per_ip"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ConfigError(f"{name} {getattr(config, name)}: must be a positive integer")
@@ -311,6 +496,12 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{name} {getattr(config, name)}: must be positive")
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"--workers {config.workers}: must be 1 to 64")
+    if config.size_limit < 1024:
+        raise ConfigError(f"size_limit {config.size_limit}: too small")
+
+
+def _check_processes(config: Config) -> None:
+    """What works only with one process, or only with a daemon."""
     if config.workers > 1 and config.metrics:
         raise ConfigError("--metrics works with one worker only (each would bind the port)")
     if config.one_session and config.metrics:
@@ -319,8 +510,6 @@ def validate(config: Config) -> Config:
         from ofmipd.metrics import parse_address
 
         parse_address(config.metrics)  # --check-config and a reload see a bad address too
-    if config.bare_newline not in ("normalize", "reject"):
-        raise ConfigError(f"bare_newline {config.bare_newline!r}: must be normalize or reject")
     if config.ratelimit == "memory" and (config.one_session or config.workers > 1):
         raise ConfigError(
             "--ratelimit memory is one process's memory: "
@@ -328,9 +517,6 @@ def validate(config: Config) -> Config:
                else "each worker would count apart")
             + "; leave the default (sqlite in the state directory) or use redis://HOST:PORT/DB"
         )  # fmt: skip
-    if config.size_limit < 1024:
-        raise ConfigError(f"size_limit {config.size_limit}: too small")
-    return config
 
 
 __all__ = ["BackendSpec", "Config", "ConfigError", "Listen"]
