@@ -23,7 +23,7 @@ from ofmipd import connection, identity, privileges
 from ofmipd.assemble import App, build_app
 from ofmipd.config import Config, Listen
 from ofmipd.errors import ConfigError, one_line
-from ofmipd.smtp import SubmissionServer
+from ofmipd.smtp import SubmissionProtocol
 from ofmipd.stdio import set_nodelay
 
 log = logging.getLogger("ofmipd")
@@ -138,7 +138,7 @@ class Daemon:
         self.config_loader = config_loader
         self.table = ConnectionTable(app.config.connections)
         self.stopping = asyncio.Event()
-        self.sessions: set[SubmissionServer] = set()
+        self.sessions: set[SubmissionProtocol] = set()
         self.connections: set[asyncio.Task[None]] = set()
 
     async def accept_loop(self, sock: socket.socket) -> None:
@@ -166,7 +166,7 @@ class Daemon:
         set_nodelay(conn)
         app = self.app  # a connection keeps the App it started with across a reload
         client = connection.socket_client(app, conn)
-        server = SubmissionServer(app, client, implicit_tls=app.implicit_tls_context is not None)
+        server = SubmissionProtocol(app, client, implicit_tls=app.implicit_tls_context is not None)
         self.sessions.add(server)
         try:
             await connection.serve(server, conn, lambda client: self.admit(ticket, client))

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ofmipd import cli, connection
 from ofmipd.assemble import build_app
-from ofmipd.smtp import SubmissionServer
+from ofmipd.smtp import SubmissionProtocol
 from tests.conftest import free_port
 from tests.ofmipd_server import CAPTURE, Daemon, captured_messages, server_env
 
@@ -211,7 +211,7 @@ def test_an_exception_in_a_handler_resets_the_transaction(
         listener.setblocking(False)
         talking = asyncio.create_task(asyncio.to_thread(client, listener.getsockname()[1]))
         conn, _ = await loop.sock_accept(listener)
-        server = SubmissionServer(app, connection.socket_client(app, conn))
+        server = SubmissionProtocol(app, connection.socket_client(app, conn))
         serving = asyncio.create_task(connection.serve(server, conn))
         try:
             return await talking

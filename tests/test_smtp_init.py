@@ -15,7 +15,7 @@ from ofmipd import smtp
 from ofmipd.assemble import build_app
 from ofmipd.cli import build_parser, config_from_args
 from ofmipd.identity import ClientIdentity
-from ofmipd.smtp import SubmissionServer
+from ofmipd.smtp import SubmissionProtocol
 
 
 def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
@@ -25,9 +25,9 @@ def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
     args = build_parser().parse_args(["-a", str(users), "--maildir", str(tmp_path / "md")])
     app = build_app(config_from_args(args))
 
-    async def both() -> tuple[SubmissionServer, SMTP]:
-        ours = SubmissionServer(app, ClientIdentity(ip=""))
-        reference = SMTP.__new__(SubmissionServer)
+    async def both() -> tuple[SubmissionProtocol, SMTP]:
+        ours = SubmissionProtocol(app, ClientIdentity(ip=""))
+        reference = SMTP.__new__(SubmissionProtocol)
         SMTP.__init__(
             reference,
             app.handler,
@@ -88,7 +88,7 @@ def test_address_parsing_matches_aiosmtpd(arg):
         expected = (None, None)
     if expected[0] is not None and not expected[0].isprintable():
         expected = (None, None)  # ofmipd also refuses a path with a control character in it
-    assert SubmissionServer._getaddr(server, arg) == expected  # type: ignore[arg-type]
+    assert SubmissionProtocol._getaddr(server, arg) == expected  # type: ignore[arg-type]
 
 
 def test_address_fast_path_is_taken_for_ordinary_paths():
