@@ -51,6 +51,14 @@ def _simple_path() -> re.Pattern[str]:
     return re.compile(_SIMPLE_PATH)
 
 
+def _unterminated_quote(token: object) -> bool:
+    """A quoted string the path ends inside (`<"x>`): the email parser closes it for us,
+    which would turn `<"x>` into the address `"x>"`."""
+    if getattr(token, "token_type", None) == "bare-quoted-string" and getattr(token, "defects", ()):
+        return True
+    return isinstance(token, list) and any(_unterminated_quote(part) for part in token)
+
+
 class SubmissionSession(Session):
     """aiosmtpd makes a new Session after STARTTLS, which is what RFC 3207 wants:
     anything learnt before TLS, AUTH included, is forgotten."""
@@ -68,6 +76,8 @@ def _smtp_commands() -> tuple[str, ...]:
 
 class SubmissionProtocol(SMTP):
     """One instance per connection."""
+
+    local_part_limit = 64  # RFC 5321 4.5.3.1.1, in octets: commands are ASCII here
 
     def __init__(self, app: App, client: ClientIdentity, *, implicit_tls: bool = False) -> None:
         self.app = app
@@ -149,12 +159,16 @@ class SubmissionProtocol(SMTP):
 
         aiosmtpd's own version defines a typing.Protocol class on every call (two
         per message, a tenth of the loop's time under load); the parsing is the same.
+        (None, None) is a malformed path: aiosmtpd answers 553 5.1.3.
         """
         if not arg:
             return "", ""
         simple = _simple_path().match(arg)
         if simple:  # what get_angle_addr gives for it, at a tenth of the cost
-            return simple.group(1), simple.group(2)
+            path = simple.group(1)
+            if len(path.rpartition("@")[0]) > self.local_part_limit:
+                return None, None
+            return path, simple.group(2)
         parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
         try:
             address, rest = parse(arg)
@@ -168,6 +182,8 @@ class SubmissionProtocol(SMTP):
             # A control character (C0 or DEL): the parser lets them through, even unquoted.
             # No address needs one; a NUL made the injector's argv unspawnable (451 and a
             # traceback), and a CR would break a reply that echoes the address.
+            return None, None
+        if len(path.rpartition("@")[0]) > self.local_part_limit or _unterminated_quote(address):
             return None, None
         return path, rest
 

@@ -112,6 +112,31 @@ def test_a_nul_in_a_recipient_never_reaches_the_injector(daemon: Daemon) -> None
     no_exception_logged(daemon)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [b"<" + b"a" * 65 + b"@example.org>", b'<"x>', b'<"x@example.org>'],
+    ids=["local-part-65", "unterminated-quote", "unterminated-quote-at"],
+)
+def test_an_overlong_or_unterminated_local_part_gets_553(daemon: Daemon, path: bytes) -> None:
+    # RFC 5321 4.5.3.1.1: a local part is at most 64 octets. '<"x>' used to get 250 as the
+    # address '"x>"', the parser closing the quote the client never did.
+    replies = converse(
+        daemon,
+        b"MAIL FROM:" + path,
+        b"MAIL FROM:<" + b"a" * 64 + b"@example.org>",
+        b"RCPT TO:" + path,
+        b"RCPT TO:<ok@example.net>",
+        b"RSET",
+    )
+    assert [line[:9] for line in replies[:4]] == [
+        b"553 5.1.3",
+        b"250 2.1.0",
+        b"553 5.1.3",
+        b"250 2.1.5",
+    ], replies
+    no_exception_logged(daemon)
+
+
 # ---- any MAIL / RCPT argument, with ESMTP parameters ------------------------------------
 
 _CHARS = st.sampled_from(list(b'\x00\x01\t\r\x0b\x0c\x1b\x7f "\\<>@[]().,:;=a9-+'))
