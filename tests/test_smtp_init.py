@@ -8,6 +8,7 @@ import functools
 import re
 import types
 from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 
 import pytest
 from aiosmtpd.smtp import SMTP
@@ -75,7 +76,7 @@ def _unterminated_quote(arg: str) -> bool:
     parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
     try:
         address, _ = parse(arg)
-    except Exception:
+    except (HeaderParseError, IndexError, AttributeError):  # malformed: not this question
         return False
     return any("inside quoted string" in str(d) for d in address.all_defects)
 
