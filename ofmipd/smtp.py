@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail, syntax
 
-from ofmipd import auth_exchange
-from ofmipd.auth import Decision
 from ofmipd.data import BareNewline, TooBig, TooLong, read_message
 from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
 from ofmipd.identity import ClientIdentity
@@ -32,6 +30,7 @@ from ofmipd.replies import REPLY_INTERNAL, REPLY_NEED_AUTH, REPLY_NEED_TLS, rewr
 
 if TYPE_CHECKING:
     from ofmipd.assemble import App
+    from ofmipd.auth import Decision
 
 log = logging.getLogger("ofmipd.smtp")
 
@@ -499,6 +498,10 @@ class SubmissionProtocol(SMTP):
 
     @syntax("AUTH <mechanism> [initial-response]")
     async def smtp_AUTH(self, arg: str | None) -> None:
+        # Imported on the first AUTH, after the banner: a session without one (a relay
+        # client, a refused one) never loads the exchange, the mechanisms or the limiter.
+        from ofmipd import auth_exchange
+
         await self._busy(auth_exchange.run(self, arg))
 
     def authenticated(self, decision: Decision) -> None:
