@@ -4,6 +4,10 @@ aiosmtpd parses the protocol. ofmipd replaces the parts that decide who may do
 what: EHLO (which extensions, whether AUTH is offered now), AUTH (awaited async
 mechanisms asking the Chain), MAIL (AUTH or relay permission required) and DATA
 (delivery). The session never learns which launcher started it.
+
+This module is the session glue; beside it are the AUTH exchange (auth_exchange.py),
+the idle/DATA timer (idle_timer.py) and the reply lines and rewriting (replies.py).
+Every aiosmtpd name used here is guarded by tests/test_aiosmtpd_guard.py.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def _smtp_commands() -> tuple[str, ...]:
 
 
 class SubmissionProtocol(SMTP):
-    """One instance per connection."""
+    """The asyncio protocol of one connection: its SMTP session, across STARTTLS."""
 
     local_part_limit = 64  # RFC 5321 4.5.3.1.1, in octets: commands are ASCII here
 
@@ -303,7 +307,7 @@ class SubmissionProtocol(SMTP):
         # trusted terminator in front (identity.with_tls_in_front).
         return self.tls_established or self.client.tls_in_front
 
-    # ---- replies --------------------------------------------------------------------
+    # ---- replies and timeouts -------------------------------------------------------
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._plain_replies:
