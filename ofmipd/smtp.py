@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail, syntax
 
+from ofmipd.auth import Decision
 from ofmipd.data import BareNewline, TooBig, TooLong, read_message
 from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
 from ofmipd.identity import ClientIdentity
@@ -34,7 +35,6 @@ from ofmipd.replies import REPLY_INTERNAL, REPLY_NEED_AUTH, REPLY_NEED_TLS, rewr
 
 if TYPE_CHECKING:
     from ofmipd.assemble import App
-    from ofmipd.auth import Decision
 
 log = logging.getLogger("ofmipd.smtp")
 
