@@ -187,7 +187,7 @@ async def close_backends(chain: Chain) -> None:
 
 def overall(decision: Decision, view: ClientView) -> tuple[Verdict, str, str]:
     """The answer to "can this user log in from there?", why, and what the client hears."""
-    from ofmipd.smtp import REPLY_AUTH_BAD, REPLY_AUTH_OK, REPLY_AUTH_TEMP, REPLY_NEED_TLS
+    from ofmipd.replies import REPLY_AUTH_BAD, REPLY_AUTH_OK, REPLY_AUTH_TEMP, REPLY_NEED_TLS
 
     if view.policy.deny:
         why = f"client refused at connect; credentials: {decision.verdict.value}"

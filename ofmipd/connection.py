@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ofmipd import identity
 from ofmipd.identity import ClientIdentity
 from ofmipd.logs import printable
-from ofmipd.smtp import SubmissionServer
+from ofmipd.smtp import SubmissionProtocol
 
 if TYPE_CHECKING:
     from ofmipd.app import App
@@ -50,7 +50,7 @@ def socket_client(
 
 
 async def serve(
-    server: SubmissionServer,
+    server: SubmissionProtocol,
     sock: socket.socket,
     admit: Callable[[ClientIdentity], bool] | None = None,
 ) -> None:
@@ -102,7 +102,7 @@ async def serve(
             transport.abort()
 
 
-async def _read_proxy_header(server: SubmissionServer, sock: socket.socket) -> bool:
+async def _read_proxy_header(server: SubmissionProtocol, sock: socket.socket) -> bool:
     from ofmipd.proxy import ProxyError, SocketReader, apply_proxy, read_proxy_header
 
     budget = min(server.app.proxy_timeout, server.greeting_time_left())

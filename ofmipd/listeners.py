@@ -25,7 +25,7 @@ from ofmipd.app import App
 from ofmipd.assemble import build_app
 from ofmipd.config import Config, Listen
 from ofmipd.errors import ConfigError, one_line
-from ofmipd.smtp import SubmissionServer
+from ofmipd.smtp import SubmissionProtocol
 from ofmipd.stdio import set_nodelay
 from ofmipd.workers import HELD_SIGNALS
 
@@ -142,7 +142,7 @@ class Daemon:
         self.config_loader = config_loader
         self.table = ConnectionTable(app.config.connections)
         self.stopping = asyncio.Event()
-        self.sessions: set[SubmissionServer] = set()
+        self.sessions: set[SubmissionProtocol] = set()
         self.session_ended = asyncio.Event()  # set whenever one ends; waiters clear it
         self.connections: set[asyncio.Task[None]] = set()
 
@@ -173,7 +173,7 @@ class Daemon:
         set_nodelay(conn)
         app = self.app  # a connection keeps the App it started with across a reload
         client = connection.socket_client(app, conn)
-        server = SubmissionServer(app, client, implicit_tls=app.implicit_tls_context is not None)
+        server = SubmissionProtocol(app, client, implicit_tls=app.implicit_tls_context is not None)
         self.sessions.add(server)
         try:
             await connection.serve(server, conn, lambda client: self.admit(ticket, client))
@@ -181,7 +181,7 @@ class Daemon:
             self.ended(server)
             ticket.release()  # now, rather than when the done callback runs
 
-    def ended(self, server: SubmissionServer) -> None:
+    def ended(self, server: SubmissionProtocol) -> None:
         self.sessions.discard(server)
         self.session_ended.set()
 

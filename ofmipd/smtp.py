@@ -4,6 +4,10 @@ aiosmtpd parses the protocol. ofmipd replaces the parts that decide who may do
 what: EHLO (which extensions, whether AUTH is offered now), AUTH (awaited async
 mechanisms asking the Chain), MAIL (AUTH or relay permission required) and DATA
 (delivery). The session never learns which launcher started it.
+
+This module is the session glue; beside it are the AUTH exchange (auth_exchange.py),
+the idle/DATA timer (idle_timer.py) and the reply lines and rewriting (replies.py).
+Every aiosmtpd name used here is guarded by tests/test_aiosmtpd_guard.py.
 """
 
 from __future__ import annotations
@@ -14,74 +18,30 @@ import functools
 import logging
 import re
 import time
-from base64 import b64encode
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail, syntax
 
-from ofmipd import mechanisms
-from ofmipd.auth import Chain, Decision, Outcome, Verdict, check_at_the_door, refused_at_the_door
+from ofmipd.auth import Decision
 from ofmipd.data import BareNewline, TooBig, TooLong, read_message
 from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
 from ofmipd.identity import ClientIdentity
+from ofmipd.idle_timer import IdleTimer
 from ofmipd.logs import printable
 from ofmipd.policy import ClientPolicy, decide
-from ofmipd.ratelimit import Refusal, partial_reject
+from ofmipd.replies import REPLY_INTERNAL, REPLY_NEED_AUTH, REPLY_NEED_TLS, rewrite
 
 if TYPE_CHECKING:
     from ofmipd.app import App
 
 log = logging.getLogger("ofmipd.smtp")
-authlog = logging.getLogger("ofmipd.auth")
 
 # The stream buffer, and so the largest DATA chunk read at once. aiosmtpd uses its
 # 1001-octet line limit here, which pauses and resumes the socket every 2 KB of a
 # message; command and AUTH lines are still held to their own limits when read.
 STREAM_LIMIT = 32 * 1024
-
-REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
-REPLY_AUTH_BAD = "535 5.7.8 Authentication credentials invalid"
-REPLY_AUTH_TEMP = "454 4.7.0 Temporary authentication failure"
-REPLY_NEED_TLS = "530 5.7.0 Must issue a STARTTLS command first"
-REPLY_NEED_AUTH = "530 5.7.0 Authentication required"
-REPLY_TOO_MANY = "454 4.7.0 Too many authentication failures, try again later"
-REPLY_BUSY = "454 4.7.0 Too many authentications in progress, try again later"
-REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
-
-# RFC 2034 asks for an enhanced code on every 2xx/4xx/5xx reply after EHLO; these
-# fill in aiosmtpd's replies that have none.
-_DEFAULT_ENHANCED = {
-    "221": "2.0.0",
-    "235": "2.7.0",
-    "250": "2.0.0",
-    "252": "2.0.0",
-    "421": "4.3.0",
-    "450": "4.2.0",
-    "451": "4.3.0",
-    "452": "4.3.1",
-    "454": "4.7.0",
-    "500": "5.5.2",
-    "501": "5.5.4",
-    "502": "5.5.1",
-    "503": "5.5.1",
-    "504": "5.5.4",
-    "530": "5.7.0",
-    "535": "5.7.8",
-    "550": "5.7.1",
-    "552": "5.3.4",
-    "553": "5.1.3",
-    "554": "5.7.0",
-    "555": "5.5.4",
-}
-
-
-@functools.cache
-def _has_enhanced() -> re.Pattern[str]:
-    # Compiled on first use, like the patterns below: not before a one-session banner.
-    return re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-
 
 # "<dot-atom@dot-atom> [params]", the path nearly every client sends; anything else
 # (quoted local parts, routes, literals, comments) goes through the email parser.
@@ -94,49 +54,12 @@ def _simple_path() -> re.Pattern[str]:
     return re.compile(_SIMPLE_PATH)
 
 
-# aiosmtpd's wording, replaced where RFC or habit has a clearer one.
-_REWORDED = {
-    "500 Command line too long": "500 5.5.2 Line too long",
-    "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed limit",
-}
-
-
-def _reworded(status: str) -> str:
-    # aiosmtpd echoes an unrecognised command, which may be a password's base64 sent for
-    # a 334 challenge that never came: neither the reply nor the trace may show it.
-    if status.startswith('500 Error: command "'):
-        return "500 5.5.2 Error: command not recognized"
-    if status.endswith(" sent too many times") and status[10:-20] not in _smtp_commands():
-        return "421 4.7.0 Command sent too many times"
-    return _REWORDED.get(status, status)
-
-
-def with_enhanced_code(line: str) -> str:
-    extra = _DEFAULT_ENHANCED.get(line[:3])  # None for 220, 334, 354: they take no code
-    if extra is None or len(line) < 4 or line[3] != " " or _has_enhanced().match(line):
-        return line
-    return f"{line[:3]} {extra} {line[4:]}"
-
-
-class Credentials(NamedTuple):
-    """What the client sent: a password, or a CRAM-MD5 challenge and digest."""
-
-    user: bytes
-    password: bytes = b""
-    challenge: bytes = b""
-    digest: str = ""
-
-    def __repr__(self) -> str:
-        return f"Credentials(user={self.user!r}, <redacted>)"
-
-    def at_the_door(self) -> str | Outcome:
-        """The user name if the credentials are well-formed, else the door's REJECT."""
-        return check_at_the_door(self.user, b"-" if self.digest else self.password)
-
-    async def check(self, chain: Chain, client: ClientIdentity) -> Decision:
-        if self.digest:
-            return await chain.authenticate_cram_md5(self.user, self.challenge, self.digest, client)
-        return await chain.authenticate(self.user, self.password, client)
+def _unterminated_quote(token: object) -> bool:
+    """A quoted string the path ends inside (`<"x>`): the email parser closes it for us,
+    which would turn `<"x>` into the address `"x>"`."""
+    if getattr(token, "token_type", None) == "bare-quoted-string" and getattr(token, "defects", ()):
+        return True
+    return isinstance(token, list) and any(_unterminated_quote(part) for part in token)
 
 
 class SubmissionSession(Session):
@@ -151,11 +74,13 @@ class SubmissionSession(Session):
 
 @functools.cache
 def _smtp_commands() -> tuple[str, ...]:
-    return tuple(name[5:] for name in dir(SubmissionServer) if name.startswith("smtp_"))
+    return tuple(name[5:] for name in dir(SubmissionProtocol) if name.startswith("smtp_"))
 
 
-class SubmissionServer(SMTP):
-    """One instance per connection."""
+class SubmissionProtocol(SMTP):
+    """The asyncio protocol of one connection: its SMTP session, across STARTTLS."""
+
+    local_part_limit = 64  # RFC 5321 4.5.3.1.1, in octets: commands are ASCII here
 
     def __init__(self, app: App, client: ClientIdentity, *, implicit_tls: bool = False) -> None:
         self.app = app
@@ -177,9 +102,9 @@ class SubmissionServer(SMTP):
         self.draining = False
         self._init_aiosmtpd(app, implicit_tls)
         self.ended: asyncio.Future[None] = self.loop.create_future()  # the end line is out
-        # Until EHLO/HELO: one deadline from the start, for the PROXY header, the implicit
-        # TLS handshake and the greeting, so an idle socket cannot hold a slot for long.
-        self.greeting_deadline: float | None = self.loop.time() + app.config.ehlo_timeout
+        self.timer = IdleTimer(
+            self.loop, app.config.idle_timeout, app.config.ehlo_timeout, self._timeout_cb
+        )
 
     def _init_aiosmtpd(self, app: App, implicit_tls: bool) -> None:
         """What aiosmtpd's SMTP.__init__ sets, without its per-connection class scan.
@@ -212,8 +137,6 @@ class SubmissionServer(SMTP):
         self.require_starttls = False  # ofmipd's policy decides, from identity and rules
         self._timeout_duration = app.config.idle_timeout
         self._timeout_handle = None
-        self._deadline = 0.0  # see _reset_timeout
-        self._timer_due: float | None = None
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -239,12 +162,16 @@ class SubmissionServer(SMTP):
 
         aiosmtpd's own version defines a typing.Protocol class on every call (two
         per message, a tenth of the loop's time under load); the parsing is the same.
+        (None, None) is a malformed path: aiosmtpd answers 553 5.1.3.
         """
         if not arg:
             return "", ""
         simple = _simple_path().match(arg)
         if simple:  # what get_angle_addr gives for it, at a tenth of the cost
-            return simple.group(1), simple.group(2)
+            path = simple.group(1)
+            if len(path.rpartition("@")[0]) > self.local_part_limit:
+                return None, None
+            return path, simple.group(2)
         parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
         try:
             address, rest = parse(arg)
@@ -258,6 +185,8 @@ class SubmissionServer(SMTP):
             # A control character (C0 or DEL): the parser lets them through, even unquoted.
             # No address needs one; a NUL made the injector's argv unspawnable (451 and a
             # traceback), and a CR would break a reply that echoes the address.
+            return None, None
+        if len(path.rpartition("@")[0]) > self.local_part_limit or _unterminated_quote(address):
             return None, None
         return path, rest
 
@@ -328,6 +257,7 @@ class SubmissionServer(SMTP):
             self._account_for_end()
         finally:  # the launcher waits on `ended` to give the connection's slot back
             self.ended.set_result(None)
+            self.timer.cancel()
             super().connection_lost(error)
 
     def end_before_session(self, result: str, error: str | None = None) -> None:
@@ -342,9 +272,7 @@ class SubmissionServer(SMTP):
             self.ended.set_result(None)
 
     def greeting_time_left(self) -> float:
-        if self.greeting_deadline is None:
-            return self._timeout_duration
-        return max(self.greeting_deadline - self.loop.time(), 0.0)
+        return self.timer.greeting_time_left()
 
     def _account_for_end(self) -> None:
         if self.result is None:
@@ -379,11 +307,11 @@ class SubmissionServer(SMTP):
         # trusted terminator in front (identity.with_tls_in_front).
         return self.tls_established or self.client.tls_in_front
 
-    # ---- replies --------------------------------------------------------------------
+    # ---- replies and timeouts -------------------------------------------------------
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._plain_replies:
-            status = with_enhanced_code(_reworded(status))
+            status = rewrite(status, _smtp_commands())
         if self.app.config.debug:
             log.debug("session %s << %s", self.session_id, status)
         await super().push(status)
@@ -401,33 +329,9 @@ class SubmissionServer(SMTP):
                 self._close()
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        """Push the idle deadline back. aiosmtpd cancels and creates a timer on every
-        command; here one timer lives per session and re-arms itself if it fires early.
-        Before EHLO/HELO, commands (NOOP, RSET) never push it past the greeting deadline."""
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
-        if self.greeting_deadline is not None:
-            self._deadline = min(self._deadline, self.greeting_deadline)
-        if self._timer_due is None or self._timer_due > self._deadline:
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
-            self._arm_timer()
-
-    def _arm_timer(self) -> None:
-        self._timer_due = self._deadline
-        self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        self._timer_due = None
-        if self.loop.time() < self._deadline:
-            self._arm_timer()
-        else:
-            self._timeout_cb()
-
-    def _greeted(self) -> None:
-        """EHLO or HELO: from now on the idle timeout applies."""
-        if self.greeting_deadline is not None:
-            self.greeting_deadline = None
-            self._reset_timeout()
+        """aiosmtpd calls this for every command: push the idle deadline back."""
+        self.timer.reset(duration)
+        self._timeout_handle = self.timer.handle  # what aiosmtpd's connection_lost cancels
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: say why before closing an idle or stalled session.
@@ -525,7 +429,7 @@ class SubmissionServer(SMTP):
         if not hostname:
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
-        self._greeted()
+        self.timer.greeted()
         self._set_rset_state()
         session = self.session_state
         session.extended_smtp = True
@@ -552,7 +456,7 @@ class SubmissionServer(SMTP):
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if hostname:
-            self._greeted()
+            self.timer.greeted()
         self._plain_replies = True
         try:
             await super().smtp_HELO(hostname)
@@ -598,192 +502,26 @@ class SubmissionServer(SMTP):
 
     @syntax("AUTH <mechanism> [initial-response]")
     async def smtp_AUTH(self, arg: str | None) -> None:
-        await self._busy(self._auth(arg))
+        # Imported on the first AUTH, after the banner: a session without one (a relay
+        # client, a refused one) never loads the exchange, the mechanisms or the limiter.
+        from ofmipd import auth_exchange
 
-    async def _auth(self, arg: str | None) -> None:
+        await self._busy(auth_exchange.run(self, arg))
+
+    def authenticated(self, decision: Decision) -> None:
+        """The AUTH exchange accepted `decision`: MAIL may follow."""
         session = self.session_state
-        if not session.host_name or not session.extended_smtp:
-            await self.push("503 5.5.1 Send EHLO first")
-            return
-        if not self.auth_allowed_now():
-            await self.push(REPLY_NEED_TLS)
-            return
-        if session.authenticated:
-            await self.push("503 5.5.1 Already authenticated")
-            return
-        words = (arg or "").split()
-        if not words or len(words) > 2:
-            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
-            return
-        mechanism = words[0].upper()
-        if mechanism not in self.app.mechanisms:
-            await self.push("504 5.5.4 Unrecognized authentication mechanism")
-            return
-        initial = words[1].encode("ascii", "replace") if len(words) == 2 else None
-        limiter = self.app.limiter  # a guess is reserved once the user name is known
-        try:
-            credentials = await self._read_credentials(mechanism, initial)
-        except mechanisms.MalformedResponse as error:
-            await self.push(str(error))
-            return
-        if credentials is None:  # the client cancelled, or a reply was already sent
-            return
-        # The door comes first: a malformed name reaches no per-user key, backend or log
-        # line but the one (escaped) that says it was refused; it counts against the address.
-        door = credentials.at_the_door()
-        name = None if isinstance(door, Outcome) else door
-        ticket = None
-        if limiter is not None:  # reserve a guess before any backend runs
-            reserved = await limiter.begin(self.client.ip, name)
-            if isinstance(reserved, Refusal):
-                await self._refused(limiter, reserved, name)
-                return
-            ticket = reserved
-        if isinstance(door, Outcome):
-            decision = refused_at_the_door(door)
-        else:
-            try:
-                decision = await credentials.check(self.app.chain, self.client)
-            except BaseException:
-                if limiter is not None and ticket is not None:
-                    limiter.abandon(ticket)  # the session ended mid-chain: give the guess back
-                raise
-        self._log_decision(mechanism, decision, credentials.user)
-        self.app.metrics.auth(mechanism, decision)
-        if ticket is not None:
-            await self._settle(limiter, ticket, decision, name)
-        if decision.verdict is Verdict.ACCEPT:
-            session.authenticated = True
-            session.user = decision.user
-            session.decision = decision
-            self.last_user = decision.user
-            decider = decision.decided_by
-            self.last_backend = decider.backend if decider else None
-            await self.push(REPLY_AUTH_OK)
-        elif decision.verdict is Verdict.TEMPFAIL:
-            await self.push(REPLY_AUTH_TEMP)
-        else:
-            await self.push(REPLY_AUTH_BAD)
-
-    async def _settle(
-        self, limiter: Any, ticket: Any, decision: Decision, name: str | None
-    ) -> None:
-        """Count the guess (or give it back); a counted one waits out the failure delay."""
-        lockout = await limiter.settle(ticket, decision)
-        if lockout is not None:
-            self.app.metrics.ratelimit_lockout(lockout.key)
-            authlog.warning(
-                "lockout started: client=%s user=%s reason=%r session=%s",
-                self.client.ip or "unknown",
-                printable(name or "-"),
-                lockout.reason,
-                self.session_id,
-            )
-        if decision.verdict is Verdict.REJECT or partial_reject(decision):
-            await limiter.failure_delay()
-
-    async def _refused(self, limiter: Any, refusal: Refusal, user: str | None) -> None:
-        """Password-guessing lock-out: refuse without asking any backend."""
-        authlog.warning(
-            "auth refused: client=%s user=%s reason=%r session=%s",
-            self.client.ip or "unknown",
-            printable(user or "-"),
-            refusal.reason,
-            self.session_id,
-        )
-        self.app.metrics.ratelimit_refused(refusal.key)
-        await limiter.failure_delay()
-        await self.push(REPLY_BUSY if refusal.key == "busy" else REPLY_TOO_MANY)
-
-    async def _read_credentials(self, mechanism: str, initial: bytes | None) -> Credentials | None:
-        if mechanism == "PLAIN":
-            blob = await self._response(b"", initial)
-            if blob is None:
-                return None
-            creds = mechanisms.parse_plain(blob)
-            return Credentials(creds.user, creds.password)
-        if mechanism == "LOGIN":
-            user = await self._response(mechanisms.LOGIN_USERNAME_CHALLENGE, initial)
-            if user is None:
-                return None
-            password = await self._response(mechanisms.LOGIN_PASSWORD_CHALLENGE, None)
-            if password is None:
-                return None
-            return Credentials(user, password)
-        if mechanism == "CRAM-MD5":
-            if initial is not None:
-                await self.push("501 5.5.4 CRAM-MD5 takes no initial response")
-                return None
-            challenge = mechanisms.cram_md5_challenge(self.hostname)
-            blob = await self._response(challenge, None)
-            if blob is None:
-                return None
-            response = mechanisms.parse_cram_md5(blob)
-            return Credentials(response.user, challenge=challenge, digest=response.digest)
-        raise AssertionError(mechanism)
-
-    async def _response(self, challenge: bytes, initial: bytes | None) -> bytes | None:
-        """The client's decoded answer to a 334 challenge (or its initial response)."""
-        if initial is not None:
-            return mechanisms.decode_base64(initial)
-        await self.push(b"334 " + b64encode(challenge))
-        try:
-            line = await self._reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError:
-            await self._discard_long_line()
-            await self.push("500 5.5.6 Authentication exchange line is too long")
-            return None
-        except asyncio.IncompleteReadError:
-            self._close()
-            return None
-        if len(line) > self.line_length_limit:
-            await self.push("500 5.5.6 Authentication exchange line is too long")
-            return None
-        line = line.strip()
-        if line == b"*":
-            await self.push("501 5.7.0 Authentication cancelled")
-            return None
-        return mechanisms.decode_base64(line)
-
-    async def _discard_long_line(self) -> None:
-        while True:
-            try:
-                await self._reader.readuntil(b"\n")
-                return
-            except asyncio.LimitOverrunError as overrun:
-                await self._reader.read(overrun.consumed)
-
-    def _log_decision(self, mechanism: str, decision: Decision, typed: bytes) -> None:
-        # One line per attempt, in a form fail2ban can match: never a password. The name
-        # and the reason (which can embed it) are escaped: one event, one line.
+        session.authenticated = True
+        session.user = decision.user
+        session.decision = decision
+        self.last_user = decision.user
         decider = decision.decided_by
-        verdict, reason = decision.verdict.value, decision.reason
-        if partial_reject(decision):
-            # 454 to the client, but a backend said no: a guess, logged as the reject it
-            # is so that fail2ban counts it (an outage must not hide guessing).
-            decider = next(a for a in decision.attempts if a.outcome.verdict is Verdict.REJECT)
-            down = next(a for a in decision.attempts if a.outcome.verdict is Verdict.TEMPFAIL)
-            verdict = "reject"
-            reason = f"{decider.outcome.reason}; {down.backend} failed temporarily: " + (
-                f"{down.outcome.reason}; answered 454"
-            )
-        authlog.log(
-            logging.INFO if decision.verdict is Verdict.ACCEPT else logging.WARNING,
-            "auth %s: client=%s user=%s mechanism=%s backend=%s reason='%s' ms=%.1f session=%s",
-            verdict,
-            self.client.ip or "unknown",
-            printable(decision.user if decision.user is not None else typed) or "-",
-            mechanism,
-            decider.backend if decider else "-",
-            printable(reason),
-            sum(a.ms for a in decision.attempts),
-            self.session_id,
-        )
+        self.last_backend = decider.backend if decider else None
 
     # ---- helpers for the handler ----------------------------------------------------
 
-    def may_send_reply(self) -> str | None:
-        """None if this session may give MAIL, else the refusal."""
+    def mail_refusal(self) -> str | None:
+        """The reply refusing MAIL to this session, or None if it may send."""
         if self.session_state.authenticated or self.policy.relay:
             return None
         if not self.auth_allowed_now():
@@ -816,13 +554,13 @@ class SubmissionHandler:
 
     async def handle_MAIL(
         self,
-        server: SubmissionServer,
+        server: SubmissionProtocol,
         session: SubmissionSession,
         envelope: Envelope,
         address: str,
         mail_options: list[str],
     ) -> str:
-        refusal = server.may_send_reply()
+        refusal = server.mail_refusal()
         if refusal:
             return refusal
         senders = self.app.senders
@@ -840,7 +578,7 @@ class SubmissionHandler:
 
     async def handle_RCPT(
         self,
-        server: SubmissionServer,
+        server: SubmissionProtocol,
         session: SubmissionSession,
         envelope: Envelope,
         address: str,
@@ -854,7 +592,7 @@ class SubmissionHandler:
 
     async def handle_DATA(
         self,
-        server: SubmissionServer,
+        server: SubmissionProtocol,
         session: SubmissionSession,
         envelope: Envelope,
     ) -> str:

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from ofmipd import connection, identity
 from ofmipd.app import App
-from ofmipd.smtp import SubmissionServer
+from ofmipd.smtp import SubmissionProtocol
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -130,12 +130,12 @@ async def run_session(app: App) -> None:
         sock = socket.socket(fileno=os.dup(0))
         set_nodelay(sock)
         client = connection.socket_client(app, sock, os.environ)
-        await connection.serve(SubmissionServer(app, client, implicit_tls=implicit_tls), sock)
+        await connection.serve(SubmissionProtocol(app, client, implicit_tls=implicit_tls), sock)
         return
     # Pipes: no IP peer, so the launcher's environment alone names the client.
     client = identity.from_environment(os.environ, identity.ClientIdentity(ip=""))
     client = identity.with_tls_in_front(client, app.tls_terminators, ip_peer=False)
-    server = SubmissionServer(app, client, implicit_tls=implicit_tls)
+    server = SubmissionProtocol(app, client, implicit_tls=implicit_tls)
     await PipePair().connect(server)
     await server.ended
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ofmipd import cli, connection
 from ofmipd.assemble import build_app
-from ofmipd.smtp import SubmissionServer
+from ofmipd.smtp import SubmissionProtocol
 from tests.conftest import free_port
 from tests.ofmipd_server import CAPTURE, Daemon, captured_messages, server_env
 
@@ -109,6 +109,31 @@ def test_a_nul_in_a_recipient_never_reaches_the_injector(daemon: Daemon) -> None
         b"RSET",
     )
     assert [line[:3] for line in replies[:6]] == [b"250", b"553", b"250", b"354", b"250", b"250"]
+    no_exception_logged(daemon)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [b"<" + b"a" * 65 + b"@example.org>", b'<"x>', b'<"x@example.org>'],
+    ids=["local-part-65", "unterminated-quote", "unterminated-quote-at"],
+)
+def test_an_overlong_or_unterminated_local_part_gets_553(daemon: Daemon, path: bytes) -> None:
+    # RFC 5321 4.5.3.1.1: a local part is at most 64 octets. '<"x>' used to get 250 as the
+    # address '"x>"', the parser closing the quote the client never did.
+    replies = converse(
+        daemon,
+        b"MAIL FROM:" + path,
+        b"MAIL FROM:<" + b"a" * 64 + b"@example.org>",
+        b"RCPT TO:" + path,
+        b"RCPT TO:<ok@example.net>",
+        b"RSET",
+    )
+    assert [line[:9] for line in replies[:4]] == [
+        b"553 5.1.3",
+        b"250 2.1.0",
+        b"553 5.1.3",
+        b"250 2.1.5",
+    ], replies
     no_exception_logged(daemon)
 
 
@@ -211,7 +236,7 @@ def test_an_exception_in_a_handler_resets_the_transaction(
         listener.setblocking(False)
         talking = asyncio.create_task(asyncio.to_thread(client, listener.getsockname()[1]))
         conn, _ = await loop.sock_accept(listener)
-        server = SubmissionServer(app, connection.socket_client(app, conn))
+        server = SubmissionProtocol(app, connection.socket_client(app, conn))
         serving = asyncio.create_task(connection.serve(server, conn))
         try:
             return await talking
