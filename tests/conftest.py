@@ -1,8 +1,7 @@
-"""Shared test helpers: free loopback ports and client identities."""
+"""Shared test helpers: free loopback ports (tests/ports.py) and client identities."""
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ofmipd.identity import ClientIdentity  # noqa: E402
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from tests.ports import free_port as free_port  # noqa: E402  (imported from here by tests)
 
 
 @pytest.fixture
