@@ -16,6 +16,19 @@ if str(ROOT) not in sys.path:
 from ofmipd.identity import ClientIdentity  # noqa: E402
 from tests.ports import free_port as free_port  # noqa: E402  (imported from here by tests)
 
+# Fixtures that change machine-wide state (system users, /etc/pam.d services): a test
+# using one is marked `root`, and all such tests share one xdist worker (run with
+# --dist loadgroup), because useradd and friends fail while another holds /etc/passwd.
+MACHINE_WIDE_FIXTURES = {"make_user", "make_service", "pam_user", "checkpw_user"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & MACHINE_WIDE_FIXTURES or item.get_closest_marker("root"):
+            item.add_marker(pytest.mark.root)
+            item.add_marker(pytest.mark.xdist_group("machine-wide"))
+
 
 @pytest.fixture
 def client() -> ClientIdentity:

@@ -61,6 +61,7 @@ def submit_many(
         errors.append(repr(error))
 
 
+@pytest.mark.slow
 def test_flaky_injector_loses_and_doubles_nothing(tmp_path, users, capture):
     daemon = start(
         tmp_path,

@@ -164,6 +164,7 @@ def test_idle_timeout_says_421_before_closing(tmp_path, users, capture):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_idle_timeout_counts_from_the_last_command(tmp_path, users, capture):
     daemon = start(tmp_path, users, capture, "--idle-timeout", "1")
     try:
@@ -179,6 +180,7 @@ def test_idle_timeout_counts_from_the_last_command(tmp_path, users, capture):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_data_timeout_covers_the_message_then_the_idle_timeout_returns(tmp_path, users, capture):
     daemon = start(tmp_path, users, capture, "--idle-timeout", "1", "--data-timeout", "6")
     try:
@@ -314,6 +316,7 @@ def test_error_limit_ends_a_recipient_flood(server):
     assert raw.closed()
 
 
+@pytest.mark.slow
 def test_repeated_failures_lock_out_without_asking_the_backend(tmp_path, users, capture):
     daemon = start(tmp_path, users, capture, "--ratelimit", "memory")
     try:
@@ -357,6 +360,7 @@ def test_sender_map_refuses_foreign_senders(tmp_path, users, capture):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_counts_sessions_auth_and_deliveries(tmp_path, users, capture):
     metrics_port = free_port()
     daemon = start(tmp_path, users, capture, "--metrics", f"127.0.0.1:{metrics_port}")

@@ -209,6 +209,7 @@ def test_dn_template_outage_tempfails_and_recovers_with_same_backend(
     assert verify(backend, "alice", "alice-pw", client).verdict is Verdict.ACCEPT
 
 
+@pytest.mark.slow
 def test_hung_server_times_out_then_recovers(
     make: Callable[..., LdapAuth], slapd: Slapd, client: ClientIdentity
 ) -> None:

@@ -159,6 +159,7 @@ def test_expired_account_is_refused_by_acct_mgmt(make_user, make_service, client
     assert any("account has expired" in r.getMessage() for r in warnings), warnings
 
 
+@pytest.mark.slow
 def test_shipped_service_file_works_and_delays_failures(make_user, make_service, client) -> None:
     user, password = make_user()
     auth = backend(make_service(SHIPPED.read_text()))  # conf/pam.d/ofmipd, verbatim
@@ -175,6 +176,7 @@ def test_shipped_service_file_works_and_delays_failures(make_user, make_service,
     assert bad_seconds > 1.0  # pam_faildelay's 2 s (+/-25 %) is in force
 
 
+@pytest.mark.slow
 def test_empty_password_field_does_not_let_any_password_in(make_user, make_service, client) -> None:
     # Debian's common-auth says "nullok"; ofmipd passes PAM_DISALLOW_NULL_AUTHTOK.
     user, _ = make_user()
@@ -236,6 +238,7 @@ def test_broken_service_tempfails(make_user, make_service, client) -> None:
     assert "PAM_MODULE_UNKNOWN" in outcome.reason
 
 
+@pytest.mark.slow
 def test_failing_logins_in_faildelay_delay_only_themselves(make_user, make_service, client) -> None:
     user, password = make_user()
     auth = backend(
@@ -267,6 +270,7 @@ def test_failing_logins_in_faildelay_delay_only_themselves(make_user, make_servi
     assert lateness < 0.15, f"event loop stalled for {lateness * 1000:.0f} ms"
 
 
+@pytest.mark.slow
 def test_all_workers_busy_past_timeout_tempfails(make_user, make_service, client) -> None:
     user, password = make_user()
     service = make_service("auth optional pam_faildelay.so delay=2000000\n" + PLAIN_UNIX)

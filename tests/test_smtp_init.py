@@ -7,6 +7,7 @@ import asyncio
 import re
 import types
 
+import pytest
 from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,6 +68,7 @@ def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
 _PATH_CHARS = st.sampled_from(list('ab.Z9-_+=@<>[]"() \t:,;\\!#~') + ["xn--d", "a@b.c"])
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None)
 @given(
     arg=st.one_of(
