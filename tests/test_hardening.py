@@ -279,13 +279,14 @@ def test_helo_with_a_thousand_labels_and_ten_thousand_rcpts(tmp_path, users, cap
         assert raw.command(b"AUTH PLAIN " + PLAIN).startswith(b"235")
         raw.command(b"MAIL FROM:<gina@example.org>")
         codes: list[bytes] = []
+        ended: list[Exception] = []
 
         def read_all() -> None:
             try:
                 while True:
                     codes.append(raw.reply()[:3])
-            except (EOFError, OSError):
-                pass
+            except (EOFError, OSError) as error:
+                ended.append(error)
 
         reader = threading.Thread(target=read_all)
         reader.start()  # read while writing, or both sides' buffers fill up
@@ -299,8 +300,17 @@ def test_helo_with_a_thousand_labels_and_ten_thousand_rcpts(tmp_path, users, cap
         # 5 recipients fit; each further one is refused; the 1001st RCPT crosses the
         # per-session command limit (default 1000) and the session ends with 421.
         assert codes[:5] == [b"250"] * 5
-        assert codes[5:1000] == [b"452"] * 995
-        assert codes[1000:] == [b"421"]
+        if ended and isinstance(ended[0], ConnectionResetError):
+            # The server closed with our unsent-to commands still unread, so its kernel
+            # answered with a reset, which drops replies we had not read yet (a busy
+            # machine reads late): the ones that came are right, and the log has the limit.
+            assert 5 < len(codes) <= 1001, len(codes)
+            assert codes[5:1000] == [b"452"] * len(codes[5:1000])
+            assert codes[1000:] in ([], [b"421"])
+            assert "over limit for RCPT" in daemon.log_text()
+        else:
+            assert codes[5:1000] == [b"452"] * 995
+            assert codes[1000:] == [b"421"]
         assert rss_kb < 150_000
     finally:
         daemon.stop()
