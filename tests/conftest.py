@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
     if not item.get_closest_marker("root"):
         return (yield)
-    fd = os.open(MACHINE_WIDE_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(MACHINE_WIDE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # set-up, test and teardown, all under the lock
         return (yield)
