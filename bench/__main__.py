@@ -317,7 +317,7 @@ def main() -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         return 130
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever broke, say so and keep the logs
         print(f"\nbench failed: {type(error).__name__}: {error}", file=sys.stderr)
         print(f"logs: {temp / 'logs'}", file=sys.stderr)
         args.keep = True

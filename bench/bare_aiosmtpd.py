@@ -144,7 +144,7 @@ async def serve(args: argparse.Namespace) -> None:
                 if not done.done():
                     done.set_result(None)
 
-            server.connection_lost = connection_lost  # type: ignore[method-assign]
+            server.connection_lost = connection_lost
             return server
 
         await loop.connect_accepted_socket(wrapped, socket.socket(fileno=os.dup(0)))

@@ -193,7 +193,82 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
     out += ["", "Postfix does the same work in both delivery columns (queue, then discard). "
             "For the tcpserver rows the ratio column compares with ofmipd -1; for Postfix, "
             "which uses every core, with ofmipd --workers 2.", ""]  # fmt: skip
-    # ---- exec to banner ----
+    out += side_sections(side)
+    out += [
+        "## How to reproduce",
+        "",
+        "    .venv/bin/python -m bench            # this file and bench/sessions.png, ~11 min",
+        "    .venv/bin/python -m bench --quick --out /tmp/b   # smoke run, about a minute",
+        "    .venv/bin/python -m bench.profile    # py-spy summary of ofmipd's event loop",
+        "    .venv/bin/python -m bench.wakeup     # the loop wake-up costs above, alone",
+        "    .venv/bin/python -m bench --render   # this file again from bench/results.json",
+        "",
+        "The bench compiles ofmipd's bytecode first, as pip does on install. Every ofmipd "
+        "daemon here gets `--config` with `max_per_ip = 100000`: all load comes from "
+        "127.0.0.1, and the default per-address limit (10) would refuse a client that reconnects "
+        "before its previous session's slot is released (`ofmipd -1` gets no config file, like "
+        "the bare script). Guessing limits are on, as by default: each ofmipd system counts "
+        "in a SQLite file of its own (`--state-dir`), and a run fails if any server logged an "
+        "error (a store that fell back to memory, say). Postfix runs unchrooted with "
+        "`smtpd_client_connection_count_limit = 0`; Dovecot's passwd-file holds a {PLAIN} "
+        "password, like ofmipd's authfile. The scaling set-ups use Debian's haproxy and "
+        "redis-server; docs/scaling.md explains the arrangement.",
+    ]
+    md.write_text("\n".join(out) + "\n")
+    chart(data, png)
+
+
+def targets(data: dict[str, Any], rate: Any) -> list[str]:
+    """Issue 8's targets, each as the ratio measured in this run."""
+    side = data["side"]
+    c20 = 20 if 20 in data["sweep"] else max(data["sweep"])
+    vc = data["variant_c"]
+    rows: list[tuple[str, float, bool]] = []
+
+    def add(text: str, value: float, ok: bool) -> None:
+        rows.append((text, value, ok))
+
+    def r(delivery: str, tls: str, c: int, system: str) -> list[float]:
+        return list(rate(delivery, tls, c, system))
+
+    def cpu(tls: str, c: int, system: str) -> list[float]:
+        return field(data["results"].get(f"maildir|{tls}|{c}|{system}", []), "cpu_ms")
+
+    for label, tls, c in (("Maildir", "plain", c20), ("Maildir + STARTTLS", "starttls", vc)):
+        table = {s: r("maildir", tls, c, s) for s in data["systems"]}
+        bare, postfix = table.get("bare-aiosmtpd"), table.get("postfix-dovecot")
+        if bare:
+            x = paired(table.get("ofmipd", []), bare)
+            add(f"C={c} {label}: ofmipd ÷ bare aiosmtpd ≥ 0.9", x, x >= 0.9)
+        if postfix:
+            for system, name in (("ofmipd", "ofmipd"), ("ofmipd-workers2", "ofmipd --workers 2")):
+                x = paired(table.get(system, []), postfix)
+                add(f"C={c} {label}: {name} ÷ Postfix+Dovecot ≥ 1.3", x, x >= 1.3)
+            # Sessions per CPU-second: what the ratio would be with a core for each system.
+            x = paired(cpu(tls, c, "postfix-dovecot"), cpu(tls, c, "ofmipd"))
+            add(f"C={c} {label}: server CPU per session, Postfix+Dovecot ÷ ofmipd ≥ 1.3", x,
+                x >= 1.3)  # fmt: skip
+    rows += scaling_targets(side)
+    one = r("maildir", "plain", c20, "ofmipd-1-tcpserver")
+    bare_one = r("maildir", "plain", c20, "bare-1-tcpserver")
+    if one and bare_one:
+        x = paired(one, bare_one)
+        add(f"C={c20} under tcpserver: ofmipd -1 ÷ bare one-session ≥ 1.0", x, x >= 1.0)
+        x = paired(cpu("plain", c20, "bare-1-tcpserver"), cpu("plain", c20, "ofmipd-1-tcpserver"))
+        add(f"C={c20} under tcpserver: CPU per session, bare ÷ ofmipd -1 ≥ 1.0", x, x >= 1.0)
+    rows += side_targets(side)
+    out = ["## Targets (issue 8), as measured in this run", ""]
+    out += ["| target | measured | met |", "|---|---|---|"]
+    out += [f"| {text} | {value:.2f} | {'yes' if ok else '**no**'} |" for text, value, ok in rows]
+    findings = ROOT / "bench" / "findings.md"
+    if findings.exists():
+        out += ["", findings.read_text().strip()]
+    return [*out, ""]
+
+
+def side_sections(side: dict[str, Any]) -> list[str]:
+    """The side measurements' sections: exec to banner, memory, slow logins, AUTH."""
+    out: list[str] = []
     if "exec" in side:
         e = side["exec"]
         out += ["## Exec to banner (one-session start-up over a socketpair)", ""]
@@ -259,60 +334,16 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         for name, looped, inline in side["wakeup"]:
             out.append(f"| {name} | {looped:.3f} | {inline:.3f} | {looped - inline:.3f} |")
         out.append("")
-    out += [
-        "## How to reproduce",
-        "",
-        "    .venv/bin/python -m bench            # this file and bench/sessions.png, ~11 min",
-        "    .venv/bin/python -m bench --quick --out /tmp/b   # smoke run, about a minute",
-        "    .venv/bin/python -m bench.profile    # py-spy summary of ofmipd's event loop",
-        "    .venv/bin/python -m bench.wakeup     # the loop wake-up costs above, alone",
-        "    .venv/bin/python -m bench --render   # this file again from bench/results.json",
-        "",
-        "The bench compiles ofmipd's bytecode first, as pip does on install. Every ofmipd "
-        "daemon here gets `--config` with `max_per_ip = 100000`: all load comes from "
-        "127.0.0.1, and the default per-address limit (10) would refuse a client that reconnects "
-        "before its previous session's slot is released (`ofmipd -1` gets no config file, like "
-        "the bare script). Guessing limits are on, as by default: each ofmipd system counts "
-        "in a SQLite file of its own (`--state-dir`), and a run fails if any server logged an "
-        "error (a store that fell back to memory, say). Postfix runs unchrooted with "
-        "`smtpd_client_connection_count_limit = 0`; Dovecot's passwd-file holds a {PLAIN} "
-        "password, like ofmipd's authfile. The scaling set-ups use Debian's haproxy and "
-        "redis-server; docs/scaling.md explains the arrangement.",
-    ]
-    md.write_text("\n".join(out) + "\n")
-    chart(data, png)
+    return out
 
 
-def targets(data: dict[str, Any], rate: Any) -> list[str]:
-    """Issue 8's targets, each as the ratio measured in this run."""
-    side = data["side"]
-    c20 = 20 if 20 in data["sweep"] else max(data["sweep"])
-    vc = data["variant_c"]
+def scaling_targets(side: dict[str, Any]) -> list[tuple[str, float, bool]]:
+    """Targets from the --workers and exec-to-banner measurements."""
     rows: list[tuple[str, float, bool]] = []
 
     def add(text: str, value: float, ok: bool) -> None:
         rows.append((text, value, ok))
 
-    def r(delivery: str, tls: str, c: int, system: str) -> list[float]:
-        return list(rate(delivery, tls, c, system))
-
-    def cpu(tls: str, c: int, system: str) -> list[float]:
-        return field(data["results"].get(f"maildir|{tls}|{c}|{system}", []), "cpu_ms")
-
-    for label, tls, c in (("Maildir", "plain", c20), ("Maildir + STARTTLS", "starttls", vc)):
-        table = {s: r("maildir", tls, c, s) for s in data["systems"]}
-        bare, postfix = table.get("bare-aiosmtpd"), table.get("postfix-dovecot")
-        if bare:
-            x = paired(table.get("ofmipd", []), bare)
-            add(f"C={c} {label}: ofmipd ÷ bare aiosmtpd ≥ 0.9", x, x >= 0.9)
-        if postfix:
-            for system, name in (("ofmipd", "ofmipd"), ("ofmipd-workers2", "ofmipd --workers 2")):
-                x = paired(table.get(system, []), postfix)
-                add(f"C={c} {label}: {name} ÷ Postfix+Dovecot ≥ 1.3", x, x >= 1.3)
-            # Sessions per CPU-second: what the ratio would be with a core for each system.
-            x = paired(cpu(tls, c, "postfix-dovecot"), cpu(tls, c, "ofmipd"))
-            add(f"C={c} {label}: server CPU per session, Postfix+Dovecot ÷ ofmipd ≥ 1.3", x,
-                x >= 1.3)  # fmt: skip
     if "workers" in side:
         w = side["workers"]
         x = paired(_rates(w, "--workers 2"), _rates(w, "--workers 1"))
@@ -321,13 +352,16 @@ def targets(data: dict[str, Any], rate: Any) -> list[str]:
         e = side["exec"]["runs"]
         x = paired(e["ofmipd -1"], e["bare aiosmtpd one-session"])
         add("`ofmipd -1` exec-to-banner ÷ bare one-session ≤ 1.0", x, x <= 1.0)
-    one = r("maildir", "plain", c20, "ofmipd-1-tcpserver")
-    bare_one = r("maildir", "plain", c20, "bare-1-tcpserver")
-    if one and bare_one:
-        x = paired(one, bare_one)
-        add(f"C={c20} under tcpserver: ofmipd -1 ÷ bare one-session ≥ 1.0", x, x >= 1.0)
-        x = paired(cpu("plain", c20, "bare-1-tcpserver"), cpu("plain", c20, "ofmipd-1-tcpserver"))
-        add(f"C={c20} under tcpserver: CPU per session, bare ÷ ofmipd -1 ≥ 1.0", x, x >= 1.0)
+    return rows
+
+
+def side_targets(side: dict[str, Any]) -> list[tuple[str, float, bool]]:
+    """Targets from the memory, slow-login and AUTH measurements."""
+    rows: list[tuple[str, float, bool]] = []
+
+    def add(text: str, value: float, ok: bool) -> None:
+        rows.append((text, value, ok))
+
     if "memory" in side:
         x = med(side["memory"]["runs"]["ofmipd"])
         add("KiB per idle connection ≤ 15", x, x <= 15)
@@ -344,13 +378,7 @@ def targets(data: dict[str, Any], rate: Any) -> list[str]:
             if prim:
                 over = (med(values) - prim[1]) * 1e3
                 add(f"{name}: AUTH round trip − raw cost ≤ 1 ms", over, over <= 1.0)
-    out = ["## Targets (issue 8), as measured in this run", ""]
-    out += ["| target | measured | met |", "|---|---|---|"]
-    out += [f"| {text} | {value:.2f} | {'yes' if ok else '**no**'} |" for text, value, ok in rows]
-    findings = ROOT / "bench" / "findings.md"
-    if findings.exists():
-        out += ["", findings.read_text().strip()]
-    return [*out, ""]
+    return rows
 
 
 def _rates(part: dict[str, Any], name: str) -> list[float]:

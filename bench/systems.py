@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,7 +261,9 @@ def start(procs: Processes, ws: Workspace, system: str, delivery: str) -> Runnin
     return Running(system, port, proc.pid, lambda: procs.stop(proc), (proc.pid,))
 
 
-def start_custom(procs: Processes, ws: Workspace, name: str, argv_for_port) -> Running:
+def start_custom(
+    procs: Processes, ws: Workspace, name: str, argv_for_port: Callable[[int], list[str]]
+) -> Running:
     """A system with an argv built from a free port (for the side measurements)."""
     port = free_port()
     log = ws.logs / f"{name}.log"

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from ofmipd import privileges
 from ofmipd.app import App
+from ofmipd.config import Config
 from ofmipd.delivery import MaildirTarget, SendmailTarget
 from ofmipd.errors import ConfigError
 from ofmipd.privileges import RunUser
@@ -56,48 +57,11 @@ def run_user(app: App) -> tuple[RunUser, bool]:
 
 def needs(app: App) -> list[Need]:
     """Everything the server touches as the run user, with when it does."""
-    config = app.config
-    daemon = not config.one_session
-    out: list[Need] = []
-    reload = "on SIGHUP"
-    backend: Any  # each kind has its own attributes: path, argv, settings
-    for backend in app.chain.backends:
-        if backend.name in ("authfile", "htpasswd"):
-            # -1 reads them before the drop, and a session is over before an edit matters.
-            if daemon:
-                out.append(
-                    Need(backend.name, backend.path, os.R_OK, "when it changes and " + reload)
-                )
-        elif backend.name == "checkpassword":
-            program = checkpassword_program(backend)
-            if program:
-                out.append(Need("checkpassword program", program, os.X_OK, "for every login"))
-        elif backend.name == "ldap" and backend.settings.ca_file:
-            ca = backend.settings.ca_file
-            out.append(Need("LDAP ca_file", ca, os.R_OK, "for every new LDAP connection"))
+    daemon = not app.config.one_session
+    out = backend_needs(app, daemon)
     if daemon:
-        for spec in config.auth:
-            for key, value in spec.options.items():
-                if key.endswith("_file") and isinstance(value, str):
-                    out.append(Need(f"{spec.kind} {key}", value, os.R_OK, reload))
-        for what, path in (
-            ("TLS certificate", config.ssl_cert if config.ssl or config.tls else None),
-            ("TLS key", config.ssl_key if config.ssl or config.tls else None),
-            ("host rules", config.rules),
-            ("sender map", config.sender_map),
-            ("configuration", config.source if config.source != "command line" else None),
-        ):
-            if path:
-                out.append(Need(what, path, os.R_OK, reload))
-    target = app.delivery.target
-    if isinstance(target, MaildirTarget):
-        for sub in ("tmp", "new"):
-            path = os.path.join(target.path, sub)
-            out.append(Need("Maildir", path, os.W_OK | os.X_OK, "for every message"))
-    elif isinstance(target, SendmailTarget) and target.argv:
-        out.append(Need("injector", target.argv[0], os.X_OK, "for every message"))
-    if config.throttle_script:
-        out.append(Need("throttle script", config.throttle_script, os.X_OK, "for every message"))
+        out += reloaded_file_needs(app.config)
+    out += delivery_needs(app)
     state_dir = getattr(getattr(app.limiter, "store", None), "directory", None)  # SQLite's
     if isinstance(state_dir, str) and os.path.isdir(state_dir):
         out.append(Need("state directory", state_dir, os.W_OK | os.X_OK, "for every login"))
@@ -109,6 +73,61 @@ def needs(app: App) -> list[Need]:
     for module in (os, ofmipd, aiosmtpd):
         directory = os.path.dirname(module.__file__ or "")
         out.append(Need("Python code", directory, os.R_OK | os.X_OK, "when a module loads"))
+    return out
+
+
+def backend_needs(app: App, daemon: bool) -> list[Need]:
+    out: list[Need] = []
+    backend: Any  # each kind has its own attributes: path, argv, settings
+    for backend in app.chain.backends:
+        if backend.name in ("authfile", "htpasswd"):
+            # -1 reads them before the drop, and a session is over before an edit matters.
+            if daemon:
+                when = "when it changes and on SIGHUP"
+                out.append(Need(backend.name, backend.path, os.R_OK, when))
+        elif backend.name == "checkpassword":
+            program = checkpassword_program(backend)
+            if program:
+                out.append(Need("checkpassword program", program, os.X_OK, "for every login"))
+        elif backend.name == "ldap" and backend.settings.ca_file:
+            ca = backend.settings.ca_file
+            out.append(Need("LDAP ca_file", ca, os.R_OK, "for every new LDAP connection"))
+    return out
+
+
+def reloaded_file_needs(config: Config) -> list[Need]:
+    """The files a daemon reads again on SIGHUP."""
+    reload = "on SIGHUP"
+    out: list[Need] = []
+    for spec in config.auth:
+        for key, value in spec.options.items():
+            if key.endswith("_file") and isinstance(value, str):
+                out.append(Need(f"{spec.kind} {key}", value, os.R_OK, reload))
+    tls = config.ssl or config.tls
+    for what, path in (
+        ("TLS certificate", config.ssl_cert if tls else None),
+        ("TLS key", config.ssl_key if tls else None),
+        ("host rules", config.rules),
+        ("sender map", config.sender_map),
+        ("configuration", config.source if config.source != "command line" else None),
+    ):
+        if path:
+            out.append(Need(what, path, os.R_OK, reload))
+    return out
+
+
+def delivery_needs(app: App) -> list[Need]:
+    out: list[Need] = []
+    target = app.delivery.target
+    if isinstance(target, MaildirTarget):
+        for sub in ("tmp", "new"):
+            path = os.path.join(target.path, sub)
+            out.append(Need("Maildir", path, os.W_OK | os.X_OK, "for every message"))
+    elif isinstance(target, SendmailTarget) and target.argv:
+        out.append(Need("injector", target.argv[0], os.X_OK, "for every message"))
+    script = app.config.throttle_script
+    if script:
+        out.append(Need("throttle script", script, os.X_OK, "for every message"))
     return out
 
 
@@ -136,7 +155,7 @@ def probe(user: RunUser | None, paths: list[tuple[str, int]]) -> list[bool]:
             privileges.drop(user.name)
             os.write(write, bytes(os.access(path, mode) for path, mode in paths))
             os._exit(0)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - a forked child must never return into our stack
             os._exit(1)
     os.close(write)
     with os.fdopen(read, "rb") as answers:

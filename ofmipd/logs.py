@@ -184,7 +184,9 @@ class RedactAuth(logging.Filter):
             record.msg = redact(record.msg)
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string: logging's own handleError reports it
+        # BLE001: any exception (a bad format string, an argument's __str__) is logging's own
+        # handleError's to report; one raised from a filter would reach the caller instead.
+        except Exception:  # noqa: BLE001
             return True
         if not message.isprintable():  # the fast path: one C loop over the text
             message = printable(message, MAX_MESSAGE)
@@ -236,7 +238,7 @@ def setup(*, debug: bool, syslog: bool, stderr: bool = True) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     # What the logging HOWTO ("Optimization") says to switch off when no format uses it:
     # the caller's frame walk, thread, task and multiprocessing names on every record.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # Python 3.12+

@@ -98,10 +98,28 @@ def _moved_from_stdin(argv: list[str], target: int) -> list[str]:
     return [SHELL, "-c", f'{prologue}; exec "$@"', "sh", *argv]
 
 
+def _input_plan(
+    args: list[str], stdin: bytes | None, pass_fds_data: Mapping[int, bytes] | None, fast: bool
+) -> tuple[list[str], bytes | None, int]:
+    """argv, the bytes to feed, and the child's descriptor they arrive on."""
+    if not pass_fds_data:
+        return args, stdin, 0
+    if stdin is not None or len(pass_fds_data) != 1:
+        raise ValueError("pass_fds_data carries one descriptor, and only when stdin is None")
+    [(target, feed)] = pass_fds_data.items()
+    if not 3 <= target <= 9:
+        raise ValueError(f"pass_fds_data descriptor {target} is not in 3-9")
+    if fast:
+        return args, feed, target
+    return _moved_from_stdin(args, target), feed, 0
+
+
+# ASYNC109: the timeout is not the caller's deadline: on expiry the program's process group
+# is killed and the result says so (timed_out), which a caller's asyncio.timeout cannot do.
 async def run_program(
     argv: Sequence[str],
     *,
-    timeout: float,
+    timeout: float,  # noqa: ASYNC109
     stdin: bytes | None = None,
     env: Mapping[str, str] | None = None,
     pass_fds_data: Mapping[int, bytes] | None = None,
@@ -114,20 +132,8 @@ async def run_program(
     slot (see the module docstring), so stdin must then be None. A program that cannot
     be started gives a result with `error` set, not an exception.
     """
-    args = list(argv)
-    feed = stdin
-    target = 0  # the child's descriptor that `feed` arrives on
     fast = cwd is None and pidfd_spawn_works()
-    if pass_fds_data:
-        if stdin is not None or len(pass_fds_data) != 1:
-            raise ValueError("pass_fds_data carries one descriptor, and only when stdin is None")
-        [(target, feed)] = pass_fds_data.items()
-        if not 3 <= target <= 9:
-            raise ValueError(f"pass_fds_data descriptor {target} is not in 3-9")
-        if not fast:
-            args = _moved_from_stdin(args, target)
-            target = 0
-
+    args, feed, target = _input_plan(list(argv), stdin, pass_fds_data, fast)
     loop = asyncio.get_running_loop()
     started = time.monotonic()
     out_r, out_w = os.pipe()

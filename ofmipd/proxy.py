@@ -215,7 +215,11 @@ class SocketReader:
         return data
 
 
-async def read_proxy_header(reader: ExactReader, timeout: float) -> ProxyHeader | ProxyError:
+# ASYNC109: the timeout becomes a ProxyError that says how many bytes came, for the log.
+async def read_proxy_header(
+    reader: ExactReader,
+    timeout: float,  # noqa: ASYNC109
+) -> ProxyHeader | ProxyError:
     """Read exactly one header from the connection, or say why not.
 
     Only ever asks for the bytes the parser says a valid header still needs

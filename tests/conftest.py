@@ -1,8 +1,9 @@
-"""Shared test helpers: free loopback ports and client identities."""
+"""Shared test helpers: free loopback ports (tests/ports.py) and client identities."""
 
 from __future__ import annotations
 
-import socket
+import fcntl
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,13 +16,33 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ofmipd.identity import ClientIdentity  # noqa: E402
+from tests.ports import free_port as free_port  # noqa: E402  (imported from here by tests)
+
+# Fixtures that change machine-wide state (system users, /etc/pam.d services): a test
+# using one is marked `root` and runs holding MACHINE_WIDE_LOCK, so no two such tests run
+# at once, in xdist workers or in two runs of the suite (useradd and friends fail while
+# another holds /etc/passwd). A lock, not xdist_group: pytest 9.2 broke --dist loadgroup
+# (pytest-xdist issue 1386), which then silently spreads a group over the workers.
+MACHINE_WIDE_FIXTURES = {"make_user", "make_service", "pam_user", "checkpw_user"}
+MACHINE_WIDE_LOCK = "/tmp/ofmipd-tests-machine-wide.lock"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if set(getattr(item, "fixturenames", ())) & MACHINE_WIDE_FIXTURES:
+            item.add_marker(pytest.mark.root)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    if not item.get_closest_marker("root"):
+        return (yield)
+    fd = os.open(MACHINE_WIDE_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # set-up, test and teardown, all under the lock
+        return (yield)
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture

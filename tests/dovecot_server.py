@@ -23,15 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from tests.ports import free_port
+
 DOVECOT = "/usr/sbin/dovecot"
 PROTOCOLS = ("imap", "pop3", "imaps", "pop3s")
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def make_certificate(directory: Path, names: Sequence[str] = ("127.0.0.1", "::1")) -> Path:
@@ -67,7 +62,7 @@ class Dovecot:
         self.root.chmod(0o755)
         self.host = self.addresses[0]
         protocols = PROTOCOLS if tls else PROTOCOLS[:2]
-        self.ports = {proto: _free_port(self.host) for proto in protocols}
+        self.ports = {proto: free_port(self.host) for proto in protocols}
         self.cert_file = make_certificate(self.root, self.addresses) if tls else None
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

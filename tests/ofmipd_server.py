@@ -83,7 +83,7 @@ class Daemon:
             wait_for_port(host, port, self.proc)
             if not {"-b", "--background", "--syslog"} & set(args):
                 self.wait_for_log("ready on")  # start-up lines are written after the bind
-        except Exception:
+        except (RuntimeError, OSError):  # what wait_for_port and wait_for_log raise
             self.stop()
             raise RuntimeError(f"ofmipd did not start: {self.log_text()}") from None
 

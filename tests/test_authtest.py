@@ -219,6 +219,7 @@ def test_tempfail_names_the_backend_that_failed_not_the_last_one_asked(authfile)
 # ---- LDAP and PAM ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ldap_accept_reject_and_server_down(slapd) -> None:
     url = f"{slapd.uri}/uid=%s,{PEOPLE}"
     target = f"{slapd.uri} uid=%s,{PEOPLE}"
@@ -380,6 +381,7 @@ def test_rules_come_from_the_config_file(tmp_path, authfile, rules) -> None:
     assert "client hears: 554 5.7.1 Not from there" in out
 
 
+@pytest.mark.slow
 def test_ipauthmap_routes_by_local_ip_to_a_real_imap_server(tmp_path) -> None:
     with Dovecot({"erin": PASSWORD}, tls=False) as imap:
         port = imap.ports["imap"]

@@ -155,6 +155,7 @@ def ofmipd_with(tmp_path: Path, inner_config: Path) -> Daemon:
     return Daemon(args, port, tmp_path, env=server_env(CAPTURE_DIR=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_ofmipd_logs_in_through_authtest_checkpassword(tmp_path, config) -> None:
     daemon = ofmipd_with(tmp_path, config)
     try:
@@ -209,6 +210,7 @@ def imap_login(server: Dovecot, user: str, password: str) -> str:
         imap.logout()
 
 
+@pytest.mark.slow
 def test_dovecot_imap_login_follows_ofmipd_authfile(tmp_path, config) -> None:
     # Dovecot appends checkpassword-reply as PROG: authtest execs it with USER set on accept.
     with CheckpasswordDovecot(f"{AUTHTEST} --config {config} --checkpassword") as server:
@@ -224,6 +226,7 @@ def test_dovecot_imap_login_follows_ofmipd_authfile(tmp_path, config) -> None:
     assert PASSWORD not in logs
 
 
+@pytest.mark.slow
 def test_dovecot_hears_tempfail(tempfail_config) -> None:
     with CheckpasswordDovecot(f"{AUTHTEST} --config {tempfail_config} --checkpassword") as server:
         assert "UNAVAILABLE" in imap_login(server, "alice", PASSWORD)

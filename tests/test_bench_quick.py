@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = set(systems.SYSTEMS)  # every system the bench knows must report
 
 
+@pytest.mark.slow
+@pytest.mark.bench
 @pytest.mark.timeout(900)
 def test_quick_bench_completes_every_session(tmp_path):
     out = tmp_path / "out"

@@ -66,6 +66,7 @@ def test_ldap_user_is_accepted_and_wrong_everywhere_is_535(chain_daemon):
     assert login(chain_daemon, "alice", "nobody-has-this") == 535
 
 
+@pytest.mark.slow
 def test_ldap_down_means_try_later_unless_a_later_backend_accepts(chain_daemon, slapd):
     slapd.stop()
     assert login(chain_daemon, "alice", "nobody-has-this") == 454
@@ -91,6 +92,7 @@ def pam_user():
     subprocess.run(["userdel", "-f", name], capture_output=True)
 
 
+@pytest.mark.slow
 def test_failing_pam_logins_do_not_hold_up_a_good_one(tmp_path, pam_user):
     name, password, service = pam_user
     port = free_port()

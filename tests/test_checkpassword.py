@@ -25,7 +25,8 @@ from auth_backends.checkpassword import CheckPassword, create
 from ofmipd.auth import Chain, Outcome, Secret, Verdict
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
-from tests.test_proc import wait_gone, with_ticker
+from tests.loop_ticker import with_ticker
+from tests.test_proc import wait_gone
 
 PROGS = Path(__file__).resolve().parent / "checkpw_progs"
 CHECKPW = "/usr/bin/checkpw"

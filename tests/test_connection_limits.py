@@ -220,6 +220,7 @@ def last_reply_line(reader: BinaryIO) -> bytes:
             return line
 
 
+@pytest.mark.slow
 def test_ehlo_timeout_is_a_deadline_that_noop_cannot_extend(tmp_path, users, capture):
     with start_daemon(
         tmp_path, users, capture, "--ehlo-timeout", "1.5", "--idle-timeout", "30"

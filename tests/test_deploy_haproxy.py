@@ -77,6 +77,7 @@ def stack(work: Workspace) -> Iterator[tuple[Workspace, int, int]]:
         print(daemon.log())
 
 
+@pytest.mark.slow
 def test_client_address_comes_through_haproxy(stack: tuple[Workspace, int, int]) -> None:
     work, front, _ = stack
     sent = msmtp(work.root, front, source_ip="127.0.0.6", tls="off")
@@ -86,6 +87,7 @@ def test_client_address_comes_through_haproxy(stack: tuple[Workspace, int, int])
     assert "[127.0.0.6]" in header and "with ESMTPA" in header, header
 
 
+@pytest.mark.slow
 def test_trusted_peer_without_header_is_disconnected(stack: tuple[Workspace, int, int]) -> None:
     _, _, backend = stack
     with socket.create_connection(("127.0.0.1", backend), timeout=30) as sock:

@@ -114,6 +114,7 @@ def test_denied_client_is_dropped_before_ofmipd(served: tuple[Workspace, int]) -
         assert sock.recv(100) == b""  # no banner: tcpserver closed it
 
 
+@pytest.mark.slow
 def test_one_session_processes_share_the_guessing_limit_in_the_state_dir(
     served: tuple[Workspace, int],
 ) -> None:

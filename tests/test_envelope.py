@@ -160,6 +160,7 @@ _argument = st.builds(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

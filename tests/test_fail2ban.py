@@ -195,6 +195,7 @@ def replies(s: smtplib.SMTP, raw: bytes) -> list[int]:
     return [s.getreply()[0] for _ in range(raw.count(b"\n"))]
 
 
+@pytest.mark.slow
 def test_client_cannot_forge_a_fail2ban_line(f2b_conf: Path, tmp_path: Path, capture) -> None:
     users = tmp_path / "users"
     users.write_text("alice:alice-pw\n")

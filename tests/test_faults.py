@@ -57,10 +57,11 @@ def submit_many(
                 except smtplib.SMTPDataError as error:
                     assert 400 <= error.smtp_code < 500, error
                     refused.append(message_id)
-    except Exception as error:  # reported by the test, with its type
+    except Exception as error:  # noqa: BLE001 - a thread's error, reported by the test
         errors.append(repr(error))
 
 
+@pytest.mark.slow
 def test_flaky_injector_loses_and_doubles_nothing(tmp_path, users, capture):
     daemon = start(
         tmp_path,

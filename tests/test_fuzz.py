@@ -20,6 +20,13 @@ from tests.ofmipd_server import CAPTURE, Daemon, server_env
 
 EXAMPLES = int(os.environ.get("OFMIPD_FUZZ_EXAMPLES", "300"))
 REPLY = re.compile(rb"^[2-5]\d\d[ -]")
+# Replies after which the server closes the session.
+GOODBYES = (
+    b"221 ",  # QUIT
+    b"421 ",  # a limit (errors, commands)
+    b"502 5.5.1 Too many unrecognized",  # aiosmtpd's limit on unknown commands
+    b"554 5.7.0 PROXY protocol not accepted",  # a PROXY line from a client not trusted
+)
 VERBS = [
     b"EHLO",
     b"HELO",
@@ -111,6 +118,35 @@ def test_any_command_sequence_gets_wellformed_replies(daemon, lines):
         got = replies(sock)
     assert got, "no reply at all"
     assert got[0].startswith(b"220 ")
+    # Valid commands are really served: the opening EHLO, and the QUIT (the tail's or
+    # one in the fuzz) -- a server that refused everything would still be "well-formed".
+    # Only a reply that ends the session on purpose may come last instead.
+    assert got[1].startswith(b"250"), got[:2]
+    assert got[-1].startswith(GOODBYES), got
     for reply in got:
         assert REPLY.match(reply) or reply.startswith(b"334"), reply
     assert b"Traceback" not in b"".join(got)
+
+
+def test_a_valid_session_is_accepted(daemon):
+    """The fuzzed daemon delivers a well-formed message: the fuzz runs against a working
+    server, not one that merely answers."""
+    plain = base64.b64encode(b"\0fuzz\0fuzz-pw")
+    session = [
+        (b"EHLO valid.test", b"250 "),
+        (b"AUTH PLAIN " + plain, b"235 "),
+        (b"MAIL FROM:<fuzz@example.org>", b"250 "),
+        (b"RCPT TO:<someone@example.net>", b"250 "),
+        (b"DATA", b"354 "),
+        (b"Subject: valid\r\n\r\nbody\r\n.", b"250 "),
+        (b"QUIT", b"221 "),
+    ]
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        assert stream.readline().startswith(b"220 ")
+        for command, expected in session:
+            sock.sendall(command + b"\r\n")
+            reply = stream.readline()
+            while reply[3:4] == b"-":  # the last line of a multi-line reply has the code
+                reply = stream.readline()
+            assert reply.startswith(expected), (command, reply)

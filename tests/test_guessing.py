@@ -131,6 +131,7 @@ def counts(codes: Iterable[str]) -> dict[str, int]:
 # ---- on by default, in every launch mode -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_forty_wrong_logins_then_the_right_password_are_refused_by_a_default_daemon(
     tmp_path: Path, users: Path, capture: Path
 ) -> None:
@@ -144,6 +145,7 @@ def test_forty_wrong_logins_then_the_right_password_are_refused_by_a_default_dae
     assert "auth refused: client=127.0.0.1 user=alice reason='too many failures from" in log
 
 
+@pytest.mark.slow
 def test_forty_one_session_processes_sharing_the_state_dir_refuse_the_guesser(
     tmp_path: Path, users: Path
 ) -> None:
@@ -158,6 +160,7 @@ def test_forty_one_session_processes_sharing_the_state_dir_refuse_the_guesser(
     assert one_session(users, other, "bob", "bob-Pw-34") == "235"
 
 
+@pytest.mark.slow
 def test_fifteen_concurrent_auths_reach_a_slow_backend_at_most_max_failures_times(
     tmp_path: Path, users: Path, capture: Path
 ) -> None:
@@ -180,6 +183,7 @@ def test_fifteen_concurrent_auths_reach_a_slow_backend_at_most_max_failures_time
     assert counts(codes) == {"535": backend_runs, "454": 15 - backend_runs}
 
 
+@pytest.mark.slow
 def test_fifteen_concurrent_one_session_processes_reach_the_backend_at_most_five_times(
     tmp_path: Path, users: Path
 ) -> None:
@@ -196,6 +200,7 @@ def test_fifteen_concurrent_one_session_processes_reach_the_backend_at_most_five
     assert counts(codes) == {"535": backend_runs, "454": 15 - backend_runs}
 
 
+@pytest.mark.slow
 def test_addresses_rotated_inside_one_ipv6_64_count_as_one(
     tmp_path: Path, users: Path, capture: Path
 ) -> None:
@@ -211,6 +216,7 @@ def test_addresses_rotated_inside_one_ipv6_64_count_as_one(
     assert "too many failures from 2001:db8:1:2:ffff:1:2:3" in log
 
 
+@pytest.mark.slow
 def test_a_known_address_logs_in_while_an_attacker_has_locked_the_user(
     tmp_path: Path, users: Path, capture: Path
 ) -> None:
@@ -243,6 +249,7 @@ def test_flooding_the_memory_store_with_new_addresses_keeps_the_lockout(
     assert after == "454"
 
 
+@pytest.mark.slow
 def test_an_unusable_state_dir_is_said_once_and_fails_open_to_memory_or_closed(
     tmp_path: Path, users: Path, capture: Path
 ) -> None:
@@ -268,6 +275,7 @@ def test_an_unusable_state_dir_is_said_once_and_fails_open_to_memory_or_closed(
 # ---- a temporary failure elsewhere does not switch the defences off (section 9) ------------
 
 
+@pytest.mark.slow
 def test_guesses_next_to_a_dead_remote_backend_are_limited_and_seen_by_fail2ban(
     tmp_path: Path,
     users: Path,
@@ -294,6 +302,7 @@ def test_guesses_next_to_a_dead_remote_backend_are_limited_and_seen_by_fail2ban(
 # ---- one counter per user, whatever the spelling --------------------------------------------
 
 
+@pytest.mark.slow
 def test_spellings_of_alice_share_her_counter_against_slapd(
     tmp_path: Path, capture: Path, slapd: ldap_server.Slapd
 ) -> None:
@@ -395,6 +404,7 @@ def owners(directory: Path) -> dict[str, tuple[str, int]]:
     }
 
 
+@pytest.mark.slow
 def test_state_files_belong_to_the_run_user(
     tmp_path: Path, users: Path, capture: Path, world_traversable: Path
 ) -> None:

@@ -164,6 +164,7 @@ def test_idle_timeout_says_421_before_closing(tmp_path, users, capture):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_idle_timeout_counts_from_the_last_command(tmp_path, users, capture):
     daemon = start(tmp_path, users, capture, "--idle-timeout", "1")
     try:
@@ -179,6 +180,7 @@ def test_idle_timeout_counts_from_the_last_command(tmp_path, users, capture):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_data_timeout_covers_the_message_then_the_idle_timeout_returns(tmp_path, users, capture):
     daemon = start(tmp_path, users, capture, "--idle-timeout", "1", "--data-timeout", "6")
     try:
@@ -277,13 +279,14 @@ def test_helo_with_a_thousand_labels_and_ten_thousand_rcpts(tmp_path, users, cap
         assert raw.command(b"AUTH PLAIN " + PLAIN).startswith(b"235")
         raw.command(b"MAIL FROM:<gina@example.org>")
         codes: list[bytes] = []
+        ended: list[Exception] = []
 
         def read_all() -> None:
             try:
                 while True:
                     codes.append(raw.reply()[:3])
-            except (EOFError, OSError):
-                pass
+            except (EOFError, OSError) as error:
+                ended.append(error)
 
         reader = threading.Thread(target=read_all)
         reader.start()  # read while writing, or both sides' buffers fill up
@@ -297,8 +300,17 @@ def test_helo_with_a_thousand_labels_and_ten_thousand_rcpts(tmp_path, users, cap
         # 5 recipients fit; each further one is refused; the 1001st RCPT crosses the
         # per-session command limit (default 1000) and the session ends with 421.
         assert codes[:5] == [b"250"] * 5
-        assert codes[5:1000] == [b"452"] * 995
-        assert codes[1000:] == [b"421"]
+        if ended and isinstance(ended[0], ConnectionResetError):
+            # The server closed with our unsent-to commands still unread, so its kernel
+            # answered with a reset, which drops replies we had not read yet (a busy
+            # machine reads late): the ones that came are right, and the log has the limit.
+            assert 5 < len(codes) <= 1001, len(codes)
+            assert codes[5:1000] == [b"452"] * len(codes[5:1000])
+            assert codes[1000:] in ([], [b"421"])
+            assert "over limit for RCPT" in daemon.log_text()
+        else:
+            assert codes[5:1000] == [b"452"] * 995
+            assert codes[1000:] == [b"421"]
         assert rss_kb < 150_000
     finally:
         daemon.stop()
@@ -314,6 +326,7 @@ def test_error_limit_ends_a_recipient_flood(server):
     assert raw.closed()
 
 
+@pytest.mark.slow
 def test_repeated_failures_lock_out_without_asking_the_backend(tmp_path, users, capture):
     daemon = start(tmp_path, users, capture, "--ratelimit", "memory")
     try:
@@ -357,6 +370,7 @@ def test_sender_map_refuses_foreign_senders(tmp_path, users, capture):
         daemon.stop()
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_counts_sessions_auth_and_deliveries(tmp_path, users, capture):
     metrics_port = free_port()
     daemon = start(tmp_path, users, capture, "--metrics", f"127.0.0.1:{metrics_port}")

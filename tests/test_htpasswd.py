@@ -281,6 +281,7 @@ def test_bcrypt_runs_off_the_event_loop(path: Path, client) -> None:
     assert ticks >= 3, "the loop stood still while bcrypt ran"
 
 
+@pytest.mark.slow
 def test_busy_workers_give_tempfail_not_reject(path: Path, client) -> None:
     htpasswd(path, "alice", "pw-alice", "-B", "-C", "13")  # ~0.6 s or more per verify
     backend = open_file(path, workers=1, timeout=0.05)
@@ -322,6 +323,7 @@ def median_seconds(
     return {kind: statistics.median(each) for kind, each in times.items()}
 
 
+@pytest.mark.slow
 def test_unknown_users_take_as_long_as_wrong_passwords(path: Path, client) -> None:
     for name in ("alice", "bob", "carol"):
         htpasswd(path, name, f"pw-{name}", "-B", "-C", "9")  # ~40 ms: well above the noise
@@ -342,6 +344,7 @@ def test_unknown_users_take_as_long_as_wrong_passwords(path: Path, client) -> No
         assert 0.5 < seconds / wrong < 2, medians
 
 
+@pytest.mark.slow
 def test_unknown_names_cost_as_much_as_the_most_expensive_hash(path: Path, client) -> None:
     # Most users have cheap apr1 hashes; one has bcrypt cost 11 (~0.15 s). Every way of
     # not checking a real hash must cost as much as that user, or timing tells them apart.

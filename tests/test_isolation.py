@@ -7,6 +7,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from tests.conftest import free_port
 from tests.ofmipd_server import CAPTURE, Daemon
 
@@ -36,6 +38,7 @@ def slow_login(port: int, done: list[bytes]) -> None:
         done.append(line)
 
 
+@pytest.mark.slow
 def test_two_second_logins_do_not_delay_other_clients(tmp_path):
     port = free_port()
     # A checkpassword program that takes 2 s for every login: a real slow backend.

@@ -59,12 +59,27 @@ def test_cram_md5_challenge_is_unique_and_names_host():
 
 @given(st.binary(max_size=300))
 def test_parsers_raise_only_malformed_response(blob):
-    for parse in (mechanisms.parse_plain, mechanisms.parse_cram_md5):
-        try:
-            parse(blob)
-        except MalformedResponse:
-            pass
     try:
-        mechanisms.decode_base64(base64.b64encode(blob))
+        creds = mechanisms.parse_plain(blob)
+    except MalformedResponse:
+        pass
+    else:  # what was parsed is what was sent, NULs in the password included
+        authzid, user, password = blob.split(b"\0", 2)
+        assert (creds.user, creds.password) == (user, password)
+        assert authzid in (b"", user)
+    try:
+        mechanisms.parse_cram_md5(blob)
+    except MalformedResponse:
+        pass
+    try:
+        decoded = mechanisms.decode_base64(base64.b64encode(blob))
     except MalformedResponse:
         pytest.fail("valid base64 refused")
+    assert decoded == blob
+
+
+@given(st.binary(max_size=100), st.binary(max_size=100).filter(lambda b: b"\0" not in b))
+def test_plain_round_trips_user_and_password(password, user):
+    blob = base64.b64encode(b"\0" + user + b"\0" + password)
+    creds = mechanisms.parse_plain(mechanisms.decode_base64(blob))
+    assert (creds.user, creds.password) == (user, password)

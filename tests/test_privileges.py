@@ -34,6 +34,10 @@ PASSWORD = "Privs-Secret-4"
 MESSAGE = "Subject: privileges\r\n\r\nhello\r\n"
 
 
+# Users, groups and the permissions of the Python installation are machine-wide.
+pytestmark = pytest.mark.root
+
+
 @pytest.fixture(scope="module", autouse=True)
 def python_reachable_by_other_users() -> None:
     """A dropped server imports modules lazily (delivery, reload), as the run user. Where

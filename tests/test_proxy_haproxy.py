@@ -84,26 +84,24 @@ class Capture:
         await self.received.put(data)
         writer.close()
 
-    async def next_with(self, tail: bytes, timeout: float = 30.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        while True:  # readiness probes and health checks arrive too: skip them
-            data = await asyncio.wait_for(self.received.get(), deadline - time.monotonic())
-            if data.endswith(tail):
-                return data
+    async def next_with(self, tail: bytes) -> bytes:
+        async with asyncio.timeout(30):
+            while True:  # readiness probes and health checks arrive too: skip them
+                data = await self.received.get()
+                if data.endswith(tail):
+                    return data
 
 
-async def _wait_listening(host: str, port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            _, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-            continue
-        writer.close()
-        return
+async def _wait_listening(host: str, port: int) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            return
 
 
 async def _through_haproxy(

@@ -28,6 +28,7 @@ def node(url: str, fail_open: bool = True) -> LoginLimiter:
     return limiter
 
 
+@pytest.mark.slow
 def test_two_nodes_sharing_redis_see_each_others_failures(redis_server: RedisServer) -> None:
     async def run() -> None:
         one, two = node(redis_server.url), node(redis_server.url)
@@ -70,6 +71,7 @@ def test_two_nodes_sharing_redis_see_each_others_failures(redis_server: RedisSer
     asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_simultaneous_auths_on_two_nodes_share_one_budget(redis_server: RedisServer) -> None:
     async def run() -> int:
         one, two = node(redis_server.url), node(redis_server.url)

@@ -152,6 +152,7 @@ def test_map_is_reread_when_it_changes(servers: tuple[Dovecot, Dovecot], ipmap: 
     assert verify(backend, "alpha", "127.0.0.2").verdict is Verdict.ACCEPT
 
 
+@pytest.mark.slow
 def test_map_route_to_a_dead_server_tempfails(tmp_path: Path) -> None:
     path = tmp_path / "deadmap"
     write_map(path, f"127.0.0.2 127.0.0.1 {free_port()}\n")

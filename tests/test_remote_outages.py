@@ -36,6 +36,7 @@ def dovecot() -> Iterator[Dovecot]:
         yield server
 
 
+@pytest.mark.slow
 def test_stopped_server_tempfails_quickly(client: ClientIdentity) -> None:
     with Dovecot({"alice": "wonderland"}, tls=False) as server:
         for scheme in SCHEMES:
@@ -103,6 +104,7 @@ def test_server_closing_at_once_tempfails(client: ClientIdentity) -> None:
     assert outcome.reason.endswith("server closed the connection")
 
 
+@pytest.mark.slow
 def test_remote_password_backend_down_tempfails(tmp_path: Path, client: ClientIdentity) -> None:
     # Dovecot's own passdb fails (checkpassword exit 111 = temporary failure): IMAP says
     # NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP]. The user's password may be right.

@@ -45,6 +45,7 @@ def test_pop3_and_apop_good_password_accepts(dovecot: Dovecot, client: ClientIde
     assert apop.reason.endswith("POP3 +OK to APOP")
 
 
+@pytest.mark.slow
 def test_pop3_and_apop_wrong_password_rejects(dovecot: Dovecot, client: ClientIdentity) -> None:
     for options in all_three(dovecot):
         outcome = verify(options, "alice", "builder", client)
@@ -53,6 +54,7 @@ def test_pop3_and_apop_wrong_password_rejects(dovecot: Dovecot, client: ClientId
         assert "builder" not in outcome.reason
 
 
+@pytest.mark.slow
 def test_pop3_and_apop_unknown_user_rejects(dovecot: Dovecot, client: ClientIdentity) -> None:
     for options in all_three(dovecot):
         outcome = verify(options, "mallory", "wonderland", client)
@@ -87,6 +89,7 @@ def test_pop3s_checks_the_certificate_by_default(dovecot: Dovecot, client: Clien
     assert verify(unchecked, "alice", "wonderland", client).verdict is Verdict.ACCEPT
 
 
+@pytest.mark.slow
 def test_pop3_median_latency_of_good_logins(dovecot: Dovecot, client: ClientIdentity) -> None:
     medians = {}
     for scheme in ("pop3", "apop"):

@@ -409,6 +409,7 @@ def _probe_addresses(rng: random.Random, lines: list[str], count: int) -> list[s
     return probes
 
 
+@pytest.mark.slow
 def test_ten_thousand_rules_agree_with_naive_first_match() -> None:
     rng = random.Random(20240611)
     lines = _random_rules(rng, 10_000)

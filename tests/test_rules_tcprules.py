@@ -9,6 +9,8 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from ofmipd.rules import ALLOW, DENY, RELAY, Rules
 from tests.conftest import free_port
 from tests.ofmipd_server import CAPTURE, Daemon, ofmipd_command, server_env
@@ -153,6 +155,7 @@ def tcprulescheck_decisions(
     return [[next(flat) for _ in ips] for ips in addresses]
 
 
+@pytest.mark.slow
 def test_random_tcprules_files_decide_as_tcprulescheck(tmp_path: Path) -> None:
     rng = random.Random(12_2024)
     files = [random_rules(rng) for _ in range(250)]

@@ -70,6 +70,7 @@ def test_check_config_shows_a_redis_url_without_its_password(users: Path, redis_
     assert f"login rate limit: redis redis://:***@127.0.0.1:{redis_port}/0" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_daemon_reaches_redis_with_the_password_it_never_logs(
     tmp_path: Path, users: Path, capture: Path, redis_port: int
 ) -> None:
@@ -110,6 +111,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", BAD, ids=[" ".join(f).replace(SECRET, "PW") for f in BAD])
 def test_a_configuration_error_never_shows_a_url_password(users: Path, flags: list[str]) -> None:
     result = run("--check-config", "-a", str(users), *flags)
@@ -148,6 +150,7 @@ def test_ofmipd_authtest_never_shows_a_url_password(url: str) -> None:
     assert result.stderr.startswith("ofmipd-authtest: ") and "***" in result.stderr
 
 
+@pytest.mark.slow
 def test_readable_config_and_password_files_are_warned_about(tmp_path: Path, users: Path) -> None:
     password_file = tmp_path / "ldap.pw"
     password_file.write_text("service-secret\n")

@@ -81,6 +81,7 @@ def _unterminated_quote(arg: str) -> bool:
     return any("inside quoted string" in str(d) for d in address.all_defects)
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None)
 @given(
     arg=st.one_of(

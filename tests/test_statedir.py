@@ -191,6 +191,7 @@ while time.monotonic() < end:
 """
 
 
+@pytest.mark.slow
 def test_a_process_writing_back_to_back_cannot_starve_another(tmp_path: Path) -> None:
     # SQLite's busy handler alone polls, every 100 ms at last, and missed a sibling's
     # lock at every poll for the whole busy timeout (seen as fail-open in the benchmark
@@ -237,6 +238,7 @@ except StoreDown as error:
 """
 
 
+@pytest.mark.slow
 def test_processes_opening_a_new_database_at_once_all_use_it(tmp_path: Path) -> None:
     # --workers siblings, or one-session processes, at their first AUTH on a new file:
     # each switches it to WAL and creates the schema, which must not fail any of them.

@@ -69,6 +69,7 @@ def test_holds_fill_a_ladder_budget_and_release_gives_room_back(store: Store) ->
     play(store, run)
 
 
+@pytest.mark.slow
 def test_charges_lock_at_the_budget_for_a_doubling_time(store: Store) -> None:
     async def run() -> None:
         limit = ladder("user:abc")

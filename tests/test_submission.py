@@ -208,6 +208,7 @@ def test_swaks_submits_with_auth_login(server, capture):
     assert len(captured_messages(capture)) == 3
 
 
+@pytest.mark.slow
 def test_password_never_in_log_even_in_debug(tmp_path, authfile, capture):
     daemon = start(
         tmp_path,

@@ -122,6 +122,7 @@ def test_implicit_tls_offers_auth_and_no_starttls(tmp_path, users, cert, capture
     assert len(captured_messages(capture)) == 2
 
 
+@pytest.mark.slow
 def test_commands_pipelined_after_starttls_are_discarded(tmp_path, users, cert, capture):
     with daemon(
         tmp_path,

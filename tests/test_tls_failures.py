@@ -75,6 +75,7 @@ def only_line_naming(log: str, address: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_each_failed_implicit_tls_handshake_is_one_line_without_traceback(tmp_path, users, cert):
     hello = client_hello()
     cases = {  # source address: (what the client sends, abortive close, expected error=)
@@ -104,6 +105,7 @@ def test_each_failed_implicit_tls_handshake_is_one_line_without_traceback(tmp_pa
     assert " tls=yes " in good, good
 
 
+@pytest.mark.slow
 def test_a_handshake_timeout_is_one_line_without_traceback(tmp_path, users, cert):
     with implicit_tls_daemon(tmp_path, users, cert, "--ehlo-timeout", "1") as daemon:
         misbehave(daemon.port, "127.0.0.6", b"", reset=False, linger=2.5)
