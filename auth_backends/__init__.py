@@ -1,15 +1,15 @@
-"""Registry of credential stores: a kind names the module that declares it.
+"""Registry of credential stores: each kind's declaration names its implementation.
 
-Each declaration (auth_backends/kinds/KIND.py, a kinds.Backend) names the
-implementation module, which exposes `create(spec: BackendSpec) -> Authenticator`. Its
-constructor validates what it can and raises ConfigError with the one line the admin
-sees. A library missing for one backend matters only when someone configures that
-backend, and says so differently from an unknown kind.
+The declarations (auth_backends/kinds.py) are the registry: their order is the order of
+--help and the README. Each names its implementation module, which exposes
+`create(spec: BackendSpec) -> Authenticator`; its constructor validates what it can and
+raises ConfigError with the one line the admin sees. A library missing for one backend
+matters only when someone configures that backend, and says so differently from an
+unknown kind.
 
-Adding a backend: one module in kinds/ with its BACKEND declaration (a small backend
-keeps its create() and class there too; one that imports a heavy library puts them in
-their own module, which `module=` names), its line in KINDS below, and the README table
-regenerated with `python -m auth_backends --markdown`.
+Adding a backend: its implementation module, its `Backend(...)` declaration in kinds.py
+(added to DECLARED), and the README table regenerated with
+`python -m auth_backends --markdown` (a test fails until it is).
 """
 
 from __future__ import annotations
@@ -17,34 +17,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from auth_backends.kinds import BY_KIND, DECLARED, Backend
 from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError
 
 if TYPE_CHECKING:
-    from auth_backends.kinds import Backend
     from ofmipd.auth import Authenticator
-
-# kind -> the module holding its declaration, in the order --help and the README list them
-KINDS = {
-    "authfile": "auth_backends.kinds.authfile",
-    "htpasswd": "auth_backends.kinds.htpasswd",
-    "checkpassword": "auth_backends.kinds.checkpassword",
-    "pam": "auth_backends.kinds.pam",
-    "ldap": "auth_backends.kinds.ldap",
-    "imap": "auth_backends.kinds.imap",
-    "pop3": "auth_backends.kinds.pop3",
-}
 
 
 def declared(kind: str) -> Backend:
-    if kind not in KINDS:
-        raise ConfigError(f"unknown authenticator kind {kind!r}; known: {', '.join(KINDS)}")
-    backend: Backend = importlib.import_module(KINDS[kind]).BACKEND
-    return backend
+    if kind not in BY_KIND:
+        raise ConfigError(f"unknown authenticator kind {kind!r}; known: {', '.join(BY_KIND)}")
+    return BY_KIND[kind]
 
 
-def all_declared() -> list[Backend]:
-    return [declared(kind) for kind in KINDS]
+def all_declared() -> tuple[Backend, ...]:
+    return DECLARED
 
 
 def schemes() -> dict[str, str]:
@@ -83,7 +71,6 @@ def create(spec: BackendSpec) -> Authenticator:
 
 
 __all__ = [
-    "KINDS",
     "BackendSpec",
     "create",
     "all_declared",

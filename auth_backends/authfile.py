@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 
-from auth_backends.kinds.authfile import BACKEND
+from auth_backends.kinds import AUTHFILE as BACKEND
 from auth_backends.watched_file import Unavailable, WatchedFile
 from ofmipd.auth import Found, Outcome, Secret, accept, reject, tempfail
 from ofmipd.config import BackendSpec

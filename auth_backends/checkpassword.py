@@ -23,7 +23,7 @@ import shlex
 import shutil
 from collections.abc import Sequence
 
-from auth_backends.kinds.checkpassword import BACKEND
+from auth_backends.kinds import CHECKPASSWORD as BACKEND
 from ofmipd import proc
 from ofmipd.auth import Outcome, Secret, Verdict, accept, reject, tempfail
 from ofmipd.config import BackendSpec

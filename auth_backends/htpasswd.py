@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from passlib.context import CryptContext
 from passlib.utils import MAX_PASSWORD_SIZE
 
-from auth_backends.kinds.htpasswd import BACKEND
+from auth_backends.kinds import HTPASSWD as BACKEND
 from auth_backends.watched_file import Unavailable, WatchedFile
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.config import BackendSpec

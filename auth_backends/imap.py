@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from auth_backends.kinds.imap import BACKEND
+from auth_backends.kinds import IMAP as BACKEND
 from auth_backends.remote import Conversation, ProtocolError, RemoteServer, safe_text
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.config import BackendSpec

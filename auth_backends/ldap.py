@@ -36,7 +36,7 @@ import ldap  # python-ldap
 import ldap.dn
 import ldap.filter
 
-from auth_backends.kinds.ldap import BACKEND
+from auth_backends.kinds import LDAP as BACKEND
 from ofmipd.auth import Outcome, Secret, Verdict, accept, reject, tempfail
 from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError

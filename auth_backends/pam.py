@@ -49,7 +49,7 @@ from pam.__internals import (  # python-pam
     conv_func,
 )
 
-from auth_backends.kinds.pam import BACKEND
+from auth_backends.kinds import PAM as BACKEND
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from auth_backends.kinds.pop3 import BACKEND
+from auth_backends.kinds import POP3 as BACKEND
 from auth_backends.remote import Conversation, ProtocolError, RemoteServer, safe_text
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
 from ofmipd.config import BackendSpec

@@ -103,7 +103,7 @@ class PlaintextSource(Protocol):
 
 
 def can_lookup_plaintext(backend: object) -> bool:
-    return callable(getattr(backend, "lookup_plaintext", None))
+    return isinstance(backend, PlaintextSource)
 
 
 # One question the chain puts to each backend in turn: verify, or look up for CRAM-MD5.

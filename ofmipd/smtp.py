@@ -20,7 +20,7 @@ import re
 import time
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail, syntax
 
@@ -202,7 +202,7 @@ class SubmissionProtocol(SMTP):
     @property
     def session_state(self) -> SubmissionSession:
         # No assert here: aiosmtpd's __init__ reads every attribute via inspect.getmembers.
-        return self.session  # type: ignore[return-value]
+        return cast(SubmissionSession, self.session)
 
     # ---- connection -----------------------------------------------------------------
 

@@ -1,11 +1,14 @@
 """What a backend says about itself, as twisted's ICheckerFactory: kind, flag, help, options.
 
-One `Backend` per kind, in auth_backends/kinds/KIND.py. From it come the command-line
-flags and `--help` (ofmipd.cli), the README's table (`python -m auth_backends --markdown`)
-and the checking of a BackendSpec's options (`Backend.settings`), so that every backend
-reports an unknown setting or a wrong type the same way. Plain classes, not NamedTuples:
-every `ofmipd -1` imports these to build its command line, and the package that holds the
-declarations is where they are defined, to spare each start-up one more module.
+One `Backend` per kind, declared at the end of this module; the implementation lives in
+the module its `module=` names. From the declaration come the command-line flags and
+`--help` (ofmipd.cli), the README's table (`python -m auth_backends --markdown`) and the
+checking of a BackendSpec's options (`Backend.settings`), so that every backend reports an
+unknown setting or a wrong type the same way.
+
+Every `ofmipd -1` reads all the declarations to build its command line, so they are one
+module of plain classes (not NamedTuples), holding no implementation: a module per kind
+cost each start-up about 1.2 ms more, in imports alone.
 """
 
 from __future__ import annotations
@@ -230,3 +233,141 @@ class Backend:
         options = "<br>".join(option.describe() for option in self.options)
         cells = (flag, f"`{self.kind}`", self.help, options)
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+# ---- The declarations, in the order --help and the README list them ----------------------
+
+AUTHFILE = Backend(
+    "authfile",
+    module="auth_backends.authfile",
+    flags=("-a", "--authfile"),
+    metavar="FILE",
+    arg="path",
+    help="user:password file, mode 0400 or 0600; user names case-insensitive",
+    options=(
+        Option(
+            "path",
+            TEXT,
+            "the user:password file",
+            required='path must name the user:password file, e.g. path = "..."',
+        ),
+    ),
+)
+
+HTPASSWD = Backend(
+    "htpasswd",
+    module="auth_backends.htpasswd",
+    flags=("--htpasswd",),
+    metavar="FILE",
+    arg="path",
+    needs="libpass",
+    help="Apache htpasswd file (bcrypt, apr1, SHA, sha256/512-crypt)",
+    options=(
+        Option(
+            "path",
+            TEXT,
+            "the htpasswd file",
+            required='path must name the htpasswd file, e.g. path = "..."',
+        ),
+        Option("workers", INTEGER, "threads hashing at once (default: CPU count)", low=1, high=256),
+        Option("timeout", SECONDS, "longest wait for a free worker", 10.0),
+    ),
+)
+
+CHECKPASSWORD = Backend(
+    "checkpassword",
+    module="auth_backends.checkpassword",
+    flags=("-A", "--authprog"),
+    metavar="PROGRAM",
+    arg="command",
+    help='checkpassword program and arguments, e.g. "checkpassword-pam -s id -- /bin/true"',
+    options=(
+        Option(
+            "command",
+            "command line or argv list",
+            "run by /bin/sh if a string; user NUL password NUL NUL on fd 3",
+            required='needs command = "PROGRAM ARGS"',
+        ),
+        Option("timeout", SECONDS, "the program is killed after this", 10.0),
+        Option("reject_codes", "list of exit codes", "exit codes that mean a wrong password", [1]),
+    ),
+)
+
+PAM = Backend(
+    "pam",
+    module="auth_backends.pam",
+    flags=("-m", "--pamauth"),
+    metavar="SERVICE",
+    arg="service",
+    needs="python-pam",
+    help="PAM service name (authenticate and account management)",
+    options=(
+        Option(
+            "service",
+            TEXT,
+            "the PAM service, a file in /etc/pam.d",
+            required='service must be a PAM service name like "ofmipd"',
+        ),
+        Option("workers", INTEGER, "threads calling PAM at once", 4, low=1, high=256),
+        Option("timeout", SECONDS, "longest wait for a free worker", 10.0),
+    ),
+)
+
+LDAP = Backend(
+    "ldap",
+    module="auth_backends.ldap",
+    schemes=("ldap", "ldaps"),
+    url="ldap[s]://HOST[:PORT]/DN-TEMPLATE",
+    needs="python-ldap",
+    help="LDAP bind as a DN template (uid=%s,...) or search-then-bind",
+    options=(
+        Option("uri", "URL or list", "ldap[s]://HOST[:PORT], several for failover"),
+        Option("dn_template", TEXT, "DN to bind as, %s is the user name"),
+        Option("base", TEXT, "search-then-bind: where to search"),
+        Option("scope", TEXT, "sub, one or base", "sub"),
+        Option("filter", TEXT, "search filter, %s is the user name", "(uid=%s)"),
+        Option("bind_dn", TEXT, "service account for the search (default: anonymous)"),
+        Option("bind_password_file", TEXT, "file holding bind_dn's password"),
+        Option("starttls", BOOLEAN, "STARTTLS on ldap:// URIs", False),
+        Option("ca_file", TEXT, "CA certificates for TLS"),
+        Option("network_timeout", SECONDS, "connect timeout", 5.0, high=3600),
+        Option("timeout", SECONDS, "timeout of one operation", 10.0, high=3600),
+        Option("workers", INTEGER, "threads calling python-ldap at once", 4, low=1, high=256),
+        Option("user_attribute", TEXT, "attribute holding the canonical user name"),
+    ),
+)
+
+# Shared with pop3; all but url may also be given as the URL's ?name=value.
+REMOTE_OPTIONS = (
+    Option("url", TEXT, "the server, as for -R", required='needs url = "SCHEME://HOST[:PORT]"'),
+    Option("timeout", SECONDS, "whole login dialogue", 10.0, high=300, in_url=True),
+    Option("ipauthmap", TEXT, "with host 0.0.0.0: map of local address to server", in_url=True),
+    Option(
+        "fallback", TEXT, "server for addresses not in the map, or none", "127.0.0.1", in_url=True
+    ),
+    Option("ca_file", TEXT, "CA certificates for TLS URLs", in_url=True),
+    Option("verify", BOOLEAN, "check the server's certificate", True, in_url=True),
+)
+
+IMAP = Backend(
+    "imap",
+    module="auth_backends.imap",
+    schemes=("imap", "imaps"),
+    url="imap[s]://HOST[:PORT]",
+    arg="url",
+    help="a LOGIN on a remote IMAP server",
+    options=REMOTE_OPTIONS,
+)
+
+POP3 = Backend(
+    "pop3",
+    module="auth_backends.pop3",
+    schemes=("pop3", "pop3s", "apop"),
+    url="pop3[s]://HOST[:PORT] or apop://HOST[:PORT]",
+    arg="url",
+    help="a USER/PASS (or APOP) login on a remote POP3 server",
+    options=REMOTE_OPTIONS,
+)
+
+DECLARED = (AUTHFILE, HTPASSWD, CHECKPASSWORD, PAM, LDAP, IMAP, POP3)
+BY_KIND = {backend.kind: backend for backend in DECLARED}
