@@ -180,5 +180,5 @@ def describe_target(target: Target) -> str:
     if isinstance(target, MaildirTarget):
         return target.path
     if isinstance(target, SendmailTarget):
-        return " ".join(target.argv)
+        return target.describe()
     return ""

@@ -56,7 +56,7 @@ def build_delivery(config: Config) -> Delivery:
             raise ConfigError(f"--maildir {config.maildir}: {where}{error.strerror}") from None
     else:
         program = config.sendmail_program
-        target = SendmailTarget(program, config.delivery_timeout)
+        target = SendmailTarget(program, config.delivery_timeout, config.injector_exits)
         executable = target.argv[0] if target.argv else ""
         if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
             raise ConfigError(f"sendmail program {executable!r} is not an executable file")

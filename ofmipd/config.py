@@ -76,6 +76,7 @@ class Config(NamedTuple):
     auth_timeout: float = 30.0
     sendmail: str | None = None
     maildir: str | None = None
+    injector_exits: str = "sysexits"  # see delivery.INJECTOR_EXITS
     throttle_script: str | None = None
     delivery_timeout: float = 300.0
     ssl: bool = False
@@ -387,6 +388,11 @@ SETTINGS = (
             DELIVERY, metavar="PROGRAM", toml="delivery.sendmail"),
     Setting("maildir", ("--maildir",), "deliver into this Maildir instead", DELIVERY,
             metavar="DIR", toml="delivery.maildir"),
+    Setting("injector_exits", ("--injector-exits",),
+            "how --sendmail's exit status becomes the reply: sysexits (the default), qmail, "
+            "msmtp, or tempfail (451 for every failure)",
+            DELIVERY, metavar="PROFILE", toml="delivery.injector_exits",
+            choices=("sysexits", "qmail", "msmtp", "tempfail")),
     Setting("throttle_script", ("-t", "--throttle-script"),
             "run with the user name before delivery; non-zero exit refuses",
             DELIVERY, metavar="PATH", toml="delivery.throttle_script"),

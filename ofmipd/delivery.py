@@ -29,6 +29,29 @@ ACCEPTED = "250 2.0.0 OK: queued as {queue_id}"
 INJECTOR_FAILED = "451 4.3.0 Temporary delivery failure, try again later"
 THROTTLED = "450 4.7.1 Message refused by the sending limit, try again later"
 
+# --injector-exits: the reply after DATA for the injector's exit status, by profile.
+# sysexits follows Postfix's sys_exits.c as issue 14 tabulates it. A status a profile
+# does not list, a signal or a timeout is INJECTOR_FAILED: a 4xx is never wrong when
+# unsure. The texts are fixed; what the injector said stays in the log.
+_REFUSED = "554 5.3.0 Message refused by the mail system"
+_SYSEXITS = {code: _REFUSED for code in range(64, 79)} | {
+    65: "554 5.6.0 Message refused: data format error",
+    67: "550 5.1.1 Recipient address refused: user unknown",
+    68: "550 5.1.2 Recipient address refused: host unknown",
+    71: INJECTOR_FAILED,
+    73: "552 5.2.0 Message refused: cannot be stored",
+    75: INJECTOR_FAILED,
+    77: "550 5.7.1 Message refused: permission denied",
+}
+INJECTOR_EXITS: dict[str, dict[int, str]] = {
+    "sysexits": _SYSEXITS,
+    "qmail": {100: _REFUSED, 111: INJECTOR_FAILED},  # qmail-inject: 100 permanent, 111 not
+    "msmtp": _SYSEXITS | {69: INJECTOR_FAILED},  # msmtp: 69 for its server's 4xx to RCPT, too
+    "tempfail": {},  # every failure is 451, as before --injector-exits
+}
+STDERR_LINES = 3  # of the injector's stderr, into the log line for that message
+STDERR_BYTES = 512
+
 
 class Submission(NamedTuple):
     queue_id: str
@@ -87,29 +110,66 @@ class Target(Protocol):
     async def deliver(self, submission: Submission) -> str: ...
 
 
+def exit_reply(profile: str, exit_code: int | None) -> str:
+    """The reply for a failed injector; None (a signal, a timeout, no start) is 451."""
+    if exit_code is None:
+        return INJECTOR_FAILED
+    return INJECTOR_EXITS[profile].get(exit_code, INJECTOR_FAILED)
+
+
+def stderr_excerpt(stderr: bytes) -> str:
+    """The first lines of an injector's stderr as one escaped log field ("" if none)."""
+    # Split on LF only, so a lone CR shows escaped instead of starting a line.
+    lines = [line.rstrip(b"\r") for line in stderr[:STDERR_BYTES].split(b"\n") if line.strip()]
+    text = " | ".join(printable(line, STDERR_BYTES) for line in lines[:STDERR_LINES])
+    cut = len(lines) > STDERR_LINES or len(stderr) > STDERR_BYTES
+    return text + (" ..." if cut and text else "")
+
+
 class SendmailTarget:
-    """`PROGRAM -f SENDER -i -- RCPT...`, message on stdin; exit 0 means accepted."""
+    """`PROGRAM -f SENDER -i -- RCPT...`, message on stdin; exit 0 means accepted.
+
+    Any other status is answered as the `exits` profile says; the injector's stderr goes
+    only to the log, never to the client.
+    """
 
     name = "sendmail"
 
-    def __init__(self, program: str, timeout: float) -> None:
+    def __init__(self, program: str, timeout: float, exits: str = "sysexits") -> None:
         self.argv = shlex.split(program)
         self.timeout = timeout
+        self.exits = exits
+
+    def describe(self) -> str:
+        return f"{' '.join(self.argv)} (exit statuses: {self.exits})"
 
     async def deliver(self, submission: Submission) -> str:
         argv = [*self.argv, "-f", submission.sender or "<>", "-i", "--", *submission.recipients]
         env = environment(launcher_environment(submission.client), drop=LAUNCHER_VARIABLES)
         env["LOGIN"] = submission.user or ""
-        result = await run_program(argv, stdin=submission.content, env=env, timeout=self.timeout)
+        result = await run_program(
+            argv,
+            stdin=submission.content,
+            env=env,
+            timeout=self.timeout,
+            output_limit=STDERR_BYTES + 1,  # the rest is read and dropped, not kept
+        )
+        said = stderr_excerpt(result.stderr)
         if result.exit_code == 0:
+            if said:
+                log.warning("%s: injector %s accepted it; stderr: %s", submission.queue_id,
+                            self.argv[0], said)  # fmt: skip
             return ACCEPTED.format(queue_id=submission.queue_id)
+        reply = exit_reply(self.exits, result.exit_code)
         log.error(
-            "%s: injector %s %s; message not accepted",
+            "%s: injector %s %s; message not accepted, replied %s%s",
             submission.queue_id,
             self.argv[0],
             result.describe(),
+            reply[:9],
+            f"; stderr: {said}" if said else "",
         )
-        return INJECTOR_FAILED
+        return reply
 
 
 class MaildirTarget:
