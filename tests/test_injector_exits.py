@@ -160,6 +160,57 @@ def test_postfix_sendmail_refusing_the_submitter_gives_451_and_logs_why(tmp_path
     assert "stderr: sendmail: fatal: User root(0) is not allowed to submit mail" in log
 
 
+class Refuser:
+    """An SMTP server for msmtp to talk to: RCPT perm@ gets 550, temp@ gets 450, DATA to
+    refuse-data@ gets 554; everything else is accepted."""
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        if address.startswith("perm@"):
+            return "550 5.1.1 no such user"
+        if address.startswith("temp@"):
+            return "450 4.2.0 try later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if any(r.startswith("refuse-data@") for r in envelope.rcpt_tos):
+            return "554 5.6.0 content refused"
+        return "250 OK"
+
+
+# What msmtp exits with for each refusal (65, 69, 69), and the reply that gives.
+MSMTP_REPLIES = {
+    "msmtp": {"perm": (554, "5.6.0"), "temp": TEMP, "refuse-data": TEMP, "ok": (250, "2.0.0")},
+    "sysexits": {
+        "perm": (554, "5.6.0"),
+        "temp": (554, "5.3.0"),  # why msmtp has its own profile: its 69 can be a 4xx
+        "refuse-data": (554, "5.3.0"),
+        "ok": (250, "2.0.0"),
+    },
+}
+
+
+@pytest.mark.parametrize("profile", sorted(MSMTP_REPLIES))
+def test_msmtp_refusals_through_the_msmtp_profile(tmp_path, profile):
+    from aiosmtpd.controller import Controller
+
+    downstream = Controller(Refuser(), hostname="127.0.0.1", port=free_port())
+    downstream.start()
+    msmtp = f"/usr/bin/msmtp --host=127.0.0.1 --port={downstream.port}"
+    daemon = start(tmp_path, "--sendmail", msmtp, "--injector-exits", profile, timeout="20")
+    try:
+        with smtplib.SMTP(daemon.host, daemon.port, timeout=30) as s:
+            s.login("alice", PASSWORD)
+            got = {r: send(s, f"{r}@example.net")[:2] for r in MSMTP_REPLIES[profile]}
+    finally:
+        daemon.stop()
+        downstream.stop()
+    assert got == MSMTP_REPLIES[profile]
+    log = daemon.log_text()
+    assert "exit 65;" in log and "exit 69;" in log
+    assert "stderr: msmtp: recipient address temp@example.net not accepted by the server" in log
+
+
 def check_config(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         ofmipd_command("--check-config", *args), capture_output=True, timeout=30, env=server_env()
@@ -195,4 +246,5 @@ def test_unknown_profile_is_one_line_exit_2(tmp_path, where):
     err = result.stderr.decode()
     assert result.returncode == 2, err
     assert len(err.strip().splitlines()) == 1 and "postfix" in err, err
+    assert "sysexits" in err and "tempfail" in err, err  # the choices are named
     assert "Traceback" not in err
