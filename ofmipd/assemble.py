@@ -42,6 +42,8 @@ def build_chain(config: Config) -> Chain:
 def build_delivery(config: Config) -> Delivery:
     target: Target
     if config.maildir:
+        if config.injector_exits:  # a Maildir has no exit status: the setting would do nothing
+            raise ConfigError("--injector-exits applies to --sendmail, not to --maildir")
         owner = None
         if config.username and os.geteuid() == 0:
             from ofmipd.privileges import lookup
@@ -56,7 +58,8 @@ def build_delivery(config: Config) -> Delivery:
             raise ConfigError(f"--maildir {config.maildir}: {where}{error.strerror}") from None
     else:
         program = config.sendmail_program
-        target = SendmailTarget(program, config.delivery_timeout, config.injector_exits)
+        exits = config.injector_exits or "sysexits"
+        target = SendmailTarget(program, config.delivery_timeout, exits)
         executable = target.argv[0] if target.argv else ""
         if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
             raise ConfigError(f"sendmail program {executable!r} is not an executable file")

@@ -76,7 +76,7 @@ class Config(NamedTuple):
     auth_timeout: float = 30.0
     sendmail: str | None = None
     maildir: str | None = None
-    injector_exits: str = "sysexits"  # see delivery.INJECTOR_EXITS
+    injector_exits: str | None = None  # None: "sysexits"; see delivery.INJECTOR_EXITS
     throttle_script: str | None = None
     delivery_timeout: float = 300.0
     ssl: bool = False

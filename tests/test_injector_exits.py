@@ -248,3 +248,12 @@ def test_unknown_profile_is_one_line_exit_2(tmp_path, where):
     assert len(err.strip().splitlines()) == 1 and "postfix" in err, err
     assert "sysexits" in err and "tempfail" in err, err  # the choices are named
     assert "Traceback" not in err
+
+
+def test_a_profile_with_maildir_is_one_line_exit_2(tmp_path):
+    users = authfile(tmp_path, f"alice:{PASSWORD}\n")
+    maildir = str(tmp_path / "Maildir")
+    result = check_config("-a", str(users), "--maildir", maildir, "--injector-exits", "qmail")
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert err.strip() == "ofmipd: --injector-exits applies to --sendmail, not to --maildir"
