@@ -596,7 +596,33 @@ class SubmissionHandler:
         session: SubmissionSession,
         envelope: Envelope,
     ) -> str:
+        content = envelope.original_content or b""
+        config = self.app.config
+        if config.check_header_from and session.user and self.app.senders is not None:
+            from ofmipd.header_from import forged_address
+
+            forged = forged_address(content, session.user, self.app.senders)
+            if forged is not None:
+                log.warning(
+                    "session %s: user %s may not use header From/Sender %s; message refused",
+                    server.session_id,
+                    printable(session.user),
+                    printable(forged),
+                )
+                return f"550 5.7.1 Header From or Sender not owned by user {session.user}"
         queue_id = new_queue_id()
+        message = content
+        if session.authenticated and (config.add_message_id or config.add_date):
+            # RFC 6409 §8. Added after the size check: SIZE is what the client sends.
+            from ofmipd.fixups import fix_up
+
+            message = fix_up(
+                content,
+                hostname=server.hostname,
+                queue_id=queue_id,
+                add_message_id=config.add_message_id,
+                add_date=config.add_date,
+            )
         header = received_header(
             helo=session.host_name,
             client=server.client,
@@ -608,12 +634,11 @@ class SubmissionHandler:
             queue_id=queue_id,
             user=session.user,
         )
-        content = envelope.original_content or b""
         submission = Submission(
             queue_id=queue_id,
             sender=envelope.mail_from or "",
             recipients=tuple(envelope.rcpt_tos),
-            content=header + content,
+            content=header + message,
             user=session.user,
             client=server.client,
         )
