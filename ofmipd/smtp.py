@@ -26,7 +26,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_alwa
 
 from ofmipd.auth import Decision
 from ofmipd.data import BareNewline, TooBig, TooLong, read_message
-from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
+from ofmipd.delivery import (
+    Submission,
+    new_queue_id,
+    protocol_name,
+    received_header,
+    tls_clause,
+)
 from ofmipd.identity import ClientIdentity
 from ofmipd.idle_timer import IdleTimer
 from ofmipd.logs import printable
@@ -623,6 +629,7 @@ class SubmissionHandler:
                 add_message_id=config.add_message_id,
                 add_date=config.add_date,
             )
+        transport = server.transport
         header = received_header(
             helo=session.host_name,
             client=server.client,
@@ -633,6 +640,7 @@ class SubmissionHandler:
             ),
             queue_id=queue_id,
             user=session.user,
+            tls=tls_clause(transport.get_extra_info("ssl_object") if transport else None),
         )
         submission = Submission(
             queue_id=queue_id,
