@@ -132,7 +132,9 @@ class SubmissionProtocol(SMTP):
         self.loop = loop
         handler = self.event_handler = handler_for(app)
         self.data_size_limit = app.config.size_limit
-        self.enable_SMTPUTF8 = False
+        # SMTPUTF8 (RFC 6531): UTF-8 addresses in MAIL and RCPT; the message is bytes anyway.
+        # Arguments that are not UTF-8 decode to surrogates, which _getaddr refuses.
+        self.enable_SMTPUTF8 = True
         self._decode_data = False
         # aiosmtpd keeps command_size_limits on the class, shared by every
         # connection (and grown by each EHLO); ofmipd gives each session its own.
@@ -446,6 +448,7 @@ class SubmissionProtocol(SMTP):
             f"SIZE {self.data_size_limit}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
         ]
         if self.tls_context is not None and not self.tls_active:
             lines.append("STARTTLS")
