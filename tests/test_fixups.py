@@ -129,3 +129,23 @@ def test_message_at_the_size_limit_still_gets_its_fix_ups(
         send(server, message)
     ((_, delivered),) = captured_messages(capture)
     assert b"\r\nMessage-ID: " in delivered and delivered.endswith(message[14:])
+
+
+def test_check_config_names_the_fix_ups(users: Path) -> None:
+    import subprocess
+
+    from tests.ofmipd_server import CAPTURE, ofmipd_command, server_env
+
+    def describe(*args: str) -> str:
+        done = subprocess.run(
+            ofmipd_command("--check-config", "-a", str(users), "--sendmail", CAPTURE, *args),
+            capture_output=True, text=True, env=server_env(), timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "fix-ups for logins (RFC 6409): Message-ID, Date\n" in describe()
+    assert "fix-ups for logins (RFC 6409): Date\n" in describe("--no-add-message-id")
+    toml = users.parent / "ofmipd.toml"
+    toml.write_text("add_message_id = false\nadd_date = false\n")
+    assert "fix-ups for logins (RFC 6409): off\n" in describe("--config", str(toml))
