@@ -47,7 +47,8 @@ def _addresses(raw: bytes) -> list[str] | None:
         header = email.policy.default.header_factory("From", value)
     except Exception:  # noqa: BLE001 -- the email package's parser raises assorted errors
         return None
-    if header.defects:
+    # A UTF-8 local part is RFC 6532 (we offer SMTPUTF8), not a defect; any other is.
+    if any(type(d).__name__ != "NonASCIILocalPartDefect" for d in header.defects):
         return None
     addresses = [a.addr_spec for group in header.groups for a in group.addresses]
     # A second reading, by the older parser (strict: it refuses what it cannot split).

@@ -21,7 +21,9 @@ from tests.ofmipd_server import (
 )
 
 PASSWORD = "Header-From-3"
-SENDERS = SenderMap.from_text("alice alice@example.org, @alice.example\n", "senders")
+SENDERS = SenderMap.from_text(
+    "alice alice@example.org, @alice.example, ålice@exämple.org\n", "senders"
+)
 
 
 def check(header: bytes) -> str | None:
@@ -40,6 +42,7 @@ def check(header: bytes) -> str | None:
         b"From: alice@example.org (a comment)",
         b"From: Alice\r\n <alice@example.org>",
         b"Subject: no From at all",
+        "From: Ålice <ålice@exämple.org>".encode(),  # RFC 6532 UTF-8 header
     ],
 )
 def test_own_addresses_pass(header: bytes) -> None:
@@ -70,6 +73,7 @@ def test_own_addresses_pass(header: bytes) -> None:
         b"From:",
         b"From: alice",
         b"From: alice@example.org\xffx",
+        "From: a\u030alice@exämple.org".encode(),  # decomposed å: not the map's address
     ],
 )
 def test_forged_or_ambiguous_from_is_refused(header: bytes) -> None:
