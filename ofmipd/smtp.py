@@ -320,6 +320,10 @@ class SubmissionProtocol(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._plain_replies:
             status = rewrite(status, _smtp_commands())
+        if isinstance(status, str) and not status.isascii():
+            # With SMTPUTF8 on, arguments that are not UTF-8 hold surrogates, and aiosmtpd
+            # echoes some (VRFY): a '?' for each, not a UnicodeEncodeError.
+            status = status.encode("utf-8", errors="replace").decode("utf-8")
         if self.app.config.debug:
             log.debug("session %s << %s", self.session_id, status)
         await super().push(status)

@@ -75,6 +75,15 @@ def test_address_that_is_not_utf8_is_refused(server) -> None:
     assert any(line.startswith(b"553 5.1.3") for line in replies), replies
 
 
+def test_echoed_argument_that_is_not_utf8_gets_a_question_mark(server) -> None:
+    # aiosmtpd echoes VRFY's argument; its surrogates once ended the session in a traceback.
+    with socket.create_connection((server.host, server.port), timeout=20) as sock:
+        sock.sendall(b"EHLO c.test\r\nVRFY \xff\r\nQUIT\r\n")
+        replies = sock.makefile("rb").read().split(b"\r\n")
+    assert b"502 5.5.1 Could not VRFY ?" in replies and b"221 2.0.0 Bye" in replies
+    assert "Traceback" not in server.log_text()
+
+
 def test_swaks_pipelines_and_delivers(server, capture: Path) -> None:
     done = subprocess.run(
         ["swaks", "--server", f"{server.host}:{server.port}", "--pipeline", "--helo", "c.test",
