@@ -149,3 +149,16 @@ def test_check_config_names_the_fix_ups(users: Path) -> None:
     toml = users.parent / "ofmipd.toml"
     toml.write_text("add_message_id = false\nadd_date = false\n")
     assert "fix-ups for logins (RFC 6409): off\n" in describe("--config", str(toml))
+
+
+def test_relay_client_without_login_gets_no_fix_ups(
+    tmp_path: Path, users: Path, capture: Path
+) -> None:
+    # §8 is for the MSA's own users; a trusted relay host's message is its own business.
+    rules = tmp_path / "rules"
+    rules.write_text("127.0.0.1 relay\n")
+    with start_daemon(tmp_path, users, capture, "--rules", str(rules)) as server:
+        send(server, b"Subject: relayed\r\n\r\nhi\r\n", login=False)
+    ((_, message),) = captured_messages(capture)
+    assert b"Message-ID" not in message and b"\r\nDate:" not in message
+    assert message.endswith(b"\r\nSubject: relayed\r\n\r\nhi\r\n")
