@@ -157,6 +157,11 @@ class App:
         )
         lines.append(f"mechanisms: {' '.join(self.mechanisms)}")
         lines.append(f"bare LF or CR in a message: {config.bare_newline}")
+        fixups = [
+            n for n, on in (("Message-ID", config.add_message_id), ("Date", config.add_date)) if on
+        ]
+        lines.append(f"fix-ups for logins (RFC 6409): {', '.join(fixups) or 'off'}")
+        lines.append(f"header From check: {'on' if config.check_header_from else 'off'}")
         lines.append("authenticators (in order):")
         for number, backend in enumerate(self.chain.backends, 1):
             lines.append(f"  {number}. {backend.name} {backend.target}")

@@ -104,6 +104,9 @@ class Config(NamedTuple):
     metrics: str | None = None  # HOST:PORT of a Prometheus endpoint
     reverse_dns: bool = True
     bare_newline: str = "normalize"  # a bare LF or CR in DATA: "normalize" or "reject"
+    add_message_id: bool = True  # RFC 6409 §8.3, authenticated sessions only
+    add_date: bool = True  # RFC 6409 §8.2, likewise
+    check_header_from: bool = False  # header From/Sender must be the login's (--sender-map)
     source: str = "command line"
 
     @property
@@ -393,6 +396,12 @@ SETTINGS = (
             "msmtp, or tempfail (451 for every failure)",
             DELIVERY, metavar="PROFILE", toml="delivery.injector_exits",
             choices=("sysexits", "qmail", "msmtp", "tempfail")),
+    Setting("add_message_id", ("--no-add-message-id",),
+            "do not add a Message-ID to an authenticated user's message that lacks one",
+            DELIVERY, bool, toml="add_message_id", const=False),
+    Setting("add_date", ("--no-add-date",),
+            "do not add a Date to an authenticated user's message that lacks one",
+            DELIVERY, bool, toml="add_date", const=False),
     Setting("throttle_script", ("-t", "--throttle-script"),
             "run with the user name before delivery; non-zero exit refuses",
             DELIVERY, metavar="PATH", toml="delivery.throttle_script"),
@@ -442,6 +451,9 @@ SETTINGS = (
             "a bare LF or CR in a message: take it as a line ending (normalize, the default) "
             "or refuse the message with 550 5.5.2",
             LIMITS, toml="bare_newline", choices=("normalize", "reject")),
+    Setting("check_header_from", ("--check-header-from",),
+            "refuse (550 5.7.1) a message whose header From or Sender is not an address "
+            "--sender-map allows the login", LIMITS, bool, toml="check_header_from"),
     Setting("metrics", ("--metrics",), "serve Prometheus metrics here", LIMITS,
             metavar="HOST:PORT", toml="metrics"),
     Setting("reverse_dns", ("--no-reverse-dns",),
@@ -470,6 +482,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("--ssl and --tls need --ssl-cert FILE")
     if config.sendmail and config.maildir:
         raise ConfigError("--sendmail and --maildir exclude each other: choose one delivery")
+    if config.check_header_from and not config.sender_map:
+        raise ConfigError("--check-header-from needs --sender-map FILE (who may use which From)")
     _check_numbers(config)
     _check_processes(config)
     return config

@@ -17,11 +17,14 @@ import shlex
 import socket
 import stat
 import time
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from ofmipd.identity import LAUNCHER_VARIABLES, ClientIdentity, launcher_environment
 from ofmipd.logs import printable
 from ofmipd.proc import environment, run_program
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("ofmipd.delivery")
 
@@ -90,18 +93,41 @@ def received_header(
     protocol: str,
     queue_id: str,
     user: str | None,
+    tls: str | None = None,
     now: float | None = None,
 ) -> bytes:
+    """The Received header (RFC 5321 §4.4), in Postfix's layout; `tls` is tls_clause()'s."""
     address = f"[{client.ip}]" if client.ip else "[unknown]"
     peer = f"{_clean(reverse_name)} {address}" if reverse_name else address
     import email.utils  # only a session that delivers pays for it
 
     lines = [f"Received: from {_clean(helo)} ({peer})"]
+    if tls:
+        lines.append(f"\t({tls})")
     if user:
         lines.append(f"\t(authenticated user {_clean(user)})")
     lines.append(f"\tby {hostname} (ofmipd) with {protocol} id {queue_id};")
     lines.append(f"\t{email.utils.formatdate(now, localtime=True)}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+_ALGORITHM_BITS: dict[str, int] = {}  # cipher name -> its algorithm's key size
+
+
+def tls_clause(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
+    """RFC 8314 §4.3 in Postfix's words: "using TLSv1.3 with cipher NAME (256/256 bits)";
+    None without a TLS layer of our own (plain, or TLS ended by a terminator in front)."""
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    if ssl_object is None or cipher is None:
+        return None
+    name, protocol, bits = cipher
+    if name not in _ALGORITHM_BITS:  # Python's cipher() gives the bits used, not the key's
+        known = {c["name"]: c.get("alg_bits", bits) for c in ssl_object.context.get_ciphers()}
+        _ALGORITHM_BITS[name] = known.get(name, bits)
+    version = ssl_object.version() or protocol
+    return (
+        f"using {_clean(version)} with cipher {_clean(name)} ({bits}/{_ALGORITHM_BITS[name]} bits)"
+    )
 
 
 class Target(Protocol):

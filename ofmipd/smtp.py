@@ -26,7 +26,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_alwa
 
 from ofmipd.auth import Decision
 from ofmipd.data import BareNewline, TooBig, TooLong, read_message
-from ofmipd.delivery import Submission, new_queue_id, protocol_name, received_header
+from ofmipd.delivery import (
+    Submission,
+    new_queue_id,
+    protocol_name,
+    received_header,
+    tls_clause,
+)
 from ofmipd.identity import ClientIdentity
 from ofmipd.idle_timer import IdleTimer
 from ofmipd.logs import printable
@@ -126,7 +132,9 @@ class SubmissionProtocol(SMTP):
         self.loop = loop
         handler = self.event_handler = handler_for(app)
         self.data_size_limit = app.config.size_limit
-        self.enable_SMTPUTF8 = False
+        # SMTPUTF8 (RFC 6531): UTF-8 addresses in MAIL and RCPT; the message is bytes anyway.
+        # Arguments that are not UTF-8 decode to surrogates, which _getaddr refuses.
+        self.enable_SMTPUTF8 = True
         self._decode_data = False
         # aiosmtpd keeps command_size_limits on the class, shared by every
         # connection (and grown by each EHLO); ofmipd gives each session its own.
@@ -312,6 +320,10 @@ class SubmissionProtocol(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and not self._plain_replies:
             status = rewrite(status, _smtp_commands())
+        if isinstance(status, str) and not status.isascii():
+            # With SMTPUTF8 on, arguments that are not UTF-8 hold surrogates, and aiosmtpd
+            # echoes some (VRFY): a '?' for each, not a UnicodeEncodeError.
+            status = status.encode("utf-8", errors="replace").decode("utf-8")
         if self.app.config.debug:
             log.debug("session %s << %s", self.session_id, status)
         await super().push(status)
@@ -440,6 +452,7 @@ class SubmissionProtocol(SMTP):
             f"SIZE {self.data_size_limit}",
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
         ]
         if self.tls_context is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -596,7 +609,34 @@ class SubmissionHandler:
         session: SubmissionSession,
         envelope: Envelope,
     ) -> str:
+        content = envelope.original_content or b""
+        config = self.app.config
+        if config.check_header_from and session.user and self.app.senders is not None:
+            from ofmipd.header_from import forged_address
+
+            forged = forged_address(content, session.user, self.app.senders)
+            if forged is not None:
+                log.warning(
+                    "session %s: user %s may not use header From/Sender %s; message refused",
+                    server.session_id,
+                    printable(session.user),
+                    printable(forged),
+                )
+                return f"550 5.7.1 Header From or Sender not owned by user {session.user}"
         queue_id = new_queue_id()
+        message = content
+        if session.authenticated and (config.add_message_id or config.add_date):
+            # RFC 6409 §8. Added after the size check: SIZE is what the client sends.
+            from ofmipd.fixups import fix_up
+
+            message = fix_up(
+                content,
+                hostname=server.hostname,
+                queue_id=queue_id,
+                add_message_id=config.add_message_id,
+                add_date=config.add_date,
+            )
+        transport = server.transport
         header = received_header(
             helo=session.host_name,
             client=server.client,
@@ -607,13 +647,13 @@ class SubmissionHandler:
             ),
             queue_id=queue_id,
             user=session.user,
+            tls=tls_clause(transport.get_extra_info("ssl_object") if transport else None),
         )
-        content = envelope.original_content or b""
         submission = Submission(
             queue_id=queue_id,
             sender=envelope.mail_from or "",
             recipients=tuple(envelope.rcpt_tos),
-            content=header + content,
+            content=header + message,
             user=session.user,
             client=server.client,
         )

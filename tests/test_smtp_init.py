@@ -37,6 +37,7 @@ def test_fast_init_sets_what_aiosmtpd_sets(tmp_path):
             smtp.handler_for(app),
             hostname=app.hostname,
             ident="ESMTP ofmipd",
+            enable_SMTPUTF8=True,  # ofmipd advertises SMTPUTF8
             data_size_limit=app.config.size_limit,
             timeout=app.config.idle_timeout,
             auth_require_tls=False,
