@@ -39,9 +39,19 @@ def build_chain(config: Config) -> Chain:
     return Chain([auth_backends.create(spec) for spec in config.auth], timeout=config.auth_timeout)
 
 
-def build_delivery(config: Config) -> Delivery:
+def build_delivery(config: Config, hostname: str) -> Delivery:
     target: Target
-    if config.maildir:
+    if config.relay:
+        from ofmipd.relay import Relay, parse_url
+
+        target = Relay(
+            parse_url(config.relay),
+            tls=config.relay_tls,
+            size=config.relay_connections,
+            identity=config.relay_identity,
+            hostname=hostname,
+        )
+    elif config.maildir:
         owner = None
         if config.username and os.geteuid() == 0:
             from ofmipd.privileges import lookup
@@ -98,13 +108,19 @@ def build_app(config: Config, previous: App | None = None) -> App:
     endpoint carry over, so a SIGHUP neither forgets failures nor rebinds a port."""
     chain = build_chain(config)
     mechanisms = ("PLAIN", "LOGIN") + (("CRAM-MD5",) if chain.supports_cram_md5 else ())
+    hostname = config.hostname or default_hostname()
     app = App(
         config=config,
-        hostname=config.hostname or default_hostname(),
+        hostname=hostname,
         chain=chain,
-        delivery=build_delivery(config),
+        delivery=build_delivery(config, hostname),
         mechanisms=mechanisms,
     )
+    if config.relay:
+        from ofmipd.relay import Relay
+
+        assert isinstance(app.delivery.target, Relay)
+        app.relay = app.delivery.target
     if config.ssl or config.tls:
         from ofmipd.tls import server_context
 

@@ -76,6 +76,10 @@ class Config(NamedTuple):
     auth_timeout: float = 30.0
     sendmail: str | None = None
     maildir: str | None = None
+    relay: str | None = None  # smtp://HOST[:PORT] or smtps://HOST[:PORT] (ofmipd.relay)
+    relay_tls: str = "opportunistic"
+    relay_connections: int = 10
+    relay_identity: str = "auto"
     throttle_script: str | None = None
     delivery_timeout: float = 300.0
     ssl: bool = False
@@ -325,7 +329,7 @@ CONNECTIONS = "connections"
 TLS = "TLS"
 DELIVERY = "delivery"
 LIMITS = "limits and abuse resistance"
-TOML_TABLES = ("tls", "delivery", "log")  # [table] key; the [ratelimit] table is its own
+TOML_TABLES = ("tls", "delivery", "log", "relay")  # [table] key; the [ratelimit] table is its own
 
 # In --help order, group by group; the authentication flags come from auth_backends.
 SETTINGS = (
@@ -387,6 +391,19 @@ SETTINGS = (
             DELIVERY, metavar="PROGRAM", toml="delivery.sendmail"),
     Setting("maildir", ("--maildir",), "deliver into this Maildir instead", DELIVERY,
             metavar="DIR", toml="delivery.maildir"),
+    Setting("relay", ("--relay",),
+            "hand messages to this MTA over SMTP instead: smtp://HOST[:PORT] or smtps://HOST[:PORT]",
+            DELIVERY, metavar="URL", toml="relay.url"),
+    Setting("relay_tls", ("--relay-tls",),
+            "TLS to the relay: require, opportunistic (STARTTLS when offered; the default) or none",
+            DELIVERY, toml="relay.tls", choices=("require", "opportunistic", "none")),
+    Setting("relay_connections", ("--relay-connections",),
+            "connections to the relay at most, pooled (default 10)",
+            DELIVERY, int, "N", toml="relay.connections"),
+    Setting("relay_identity", ("--relay-identity",),
+            "pass the client downstream with xclient, xforward, none or auto (the default: "
+            "whichever the relay offers)",
+            DELIVERY, toml="relay.identity", choices=("auto", "xclient", "xforward", "none")),
     Setting("throttle_script", ("-t", "--throttle-script"),
             "run with the user name before delivery; non-zero exit refuses",
             DELIVERY, metavar="PATH", toml="delivery.throttle_script"),
@@ -464,6 +481,9 @@ def validate(config: Config) -> Config:
         raise ConfigError("--ssl and --tls need --ssl-cert FILE")
     if config.sendmail and config.maildir:
         raise ConfigError("--sendmail and --maildir exclude each other: choose one delivery")
+    if config.relay and (config.sendmail or config.maildir):
+        other = "--sendmail" if config.sendmail else "--maildir"
+        raise ConfigError(f"--relay and {other} exclude each other: choose one delivery")
     _check_numbers(config)
     _check_processes(config)
     return config
@@ -496,6 +516,8 @@ def _check_numbers(config: Config) -> None:
             raise ConfigError(f"{name} {getattr(config, name)}: must be positive")
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"--workers {config.workers}: must be 1 to 64")
+    if config.relay_connections < 1:
+        raise ConfigError(f"--relay-connections {config.relay_connections}: must be positive")
     if config.size_limit < 1024:
         raise ConfigError(f"size_limit {config.size_limit}: too small")
 

@@ -1,0 +1,188 @@
+"""--relay against a real Postfix (tests/postfix_server.py): the transaction proxied,
+the downstream's RCPT verdicts at RCPT time, the client's identity in Postfix's log, a
+dead pooled connection replaced, and the configuration errors."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import smtplib
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+from tests.ofmipd_server import Daemon, authfile, ofmipd_command, server_env
+from tests.postfix_server import Postfix
+
+REFUSED = "nobody@example.org"
+
+
+@pytest.fixture(scope="module")
+def postfix() -> Iterator[Postfix]:
+    # Not under pytest's tmp_path: its 0700 parent keeps Postfix's daemons out.
+    root = Path(tempfile.mkdtemp(prefix="ofmipd-postfix-"))
+    try:
+        server = Postfix(root, free_port(), refused=(REFUSED,))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def relay_daemon(tmp_path: Path, postfix: Postfix, *args: str) -> Daemon:
+    users = authfile(tmp_path, "alice:secret\n")
+    port = free_port()
+    return Daemon(
+        ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "-a", str(users), "-L",
+         "--relay", f"smtp://127.0.0.1:{postfix.port}", *args],
+        port, tmp_path, env=server_env(),
+    )  # fmt: skip
+
+
+def login(daemon: Daemon) -> smtplib.SMTP:
+    smtp = smtplib.SMTP(daemon.host, daemon.port, local_hostname="client.example", timeout=30)
+    smtp.login("alice", "secret")
+    return smtp
+
+
+def message(subject: str) -> bytes:
+    return f"From: alice@example.com\r\nSubject: {subject}\r\n\r\nbody\r\n".encode()
+
+
+def queue_id(reply: bytes) -> str:
+    found = re.search(rb"queued as ([0-9A-Z]+)", reply)
+    assert found, reply
+    return found.group(1).decode()
+
+
+def test_message_goes_down_with_the_client_and_login_in_postfix_log(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    with relay_daemon(tmp_path, postfix) as daemon:
+        smtp = login(daemon)
+        code, reply = smtp.mail("alice@example.com")
+        assert code == 250 and b"2.1.0" in reply  # Postfix's "2.1.0 Ok", not ofmipd's own
+        assert smtp.rcpt("bob@example.org")[0] == 250
+        code, reply = smtp.data(message("one"))
+        smtp.quit()
+    assert code == 250
+    qid = queue_id(reply)  # the client's 250 is Postfix's, after its queue file
+    [smtpd] = postfix.wait_for_log(rf"{qid}: client=")
+    assert "[127.0.0.1]" in smtpd
+    assert "sasl_username=alice" in smtpd
+    assert postfix.wait_for_log(rf"{qid}: to=<bob@example.org>.*status=sent")
+    assert f"relay smtp://127.0.0.1:{postfix.port}: 250" in daemon.log_text()
+
+
+def test_downstream_refuses_a_recipient_at_rcpt_time(tmp_path: Path, postfix: Postfix) -> None:
+    with relay_daemon(tmp_path, postfix) as daemon:
+        smtp = login(daemon)
+        smtp.mail("alice@example.com")
+        code, reply = smtp.rcpt(REFUSED)
+        assert (code, reply[:5]) == (550, b"5.1.1")
+        assert b"no such user here" in reply  # Postfix's text reaches the client
+        assert smtp.rcpt("carol@example.org")[0] == 250
+        code, reply = smtp.data(message("two"))
+        smtp.quit()
+    assert code == 250
+    qid = queue_id(reply)
+    assert postfix.wait_for_log(rf"{qid}: to=<carol@example.org>.*status=sent")
+    assert not [line for line in postfix.maillog().splitlines() if REFUSED in line and qid in line]
+
+
+def test_rset_leaves_nothing_downstream_and_each_transaction_has_its_identity(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    # One pooled connection: the second transaction reuses the first's connection.
+    with relay_daemon(tmp_path, postfix, "--relay-connections", "1") as daemon:
+        smtp = login(daemon)
+        smtp.mail("abandoned@example.com")
+        smtp.rcpt("dave@example.org")
+        smtp.rset()
+        smtp.mail("alice@example.com")
+        smtp.rcpt("erin@example.org")
+        code, first = smtp.data(message("three"))
+        assert code == 250
+        smtp.mail("alice@example.com")
+        smtp.rcpt("frank@example.org")
+        code, second = smtp.data(message("four"))
+        assert code == 250
+        smtp.quit()
+    for reply, rcpt in ((first, "erin"), (second, "frank")):
+        qid = queue_id(reply)
+        assert len(postfix.wait_for_log(rf"{qid}: to=<{rcpt}@example.org>.*status=sent")) == 1
+        [smtpd] = postfix.wait_for_log(rf"{qid}: client=")
+        assert "sasl_username=alice" in smtpd  # XCLIENT again on the reused connection
+    assert "abandoned@" not in postfix.maillog()
+    assert "dave@" not in postfix.maillog()
+    assert daemon.log_text().count("relay smtp://") == 2
+
+
+def test_a_dead_pooled_connection_is_replaced_and_a_stopped_mta_is_a_4xx(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    with relay_daemon(tmp_path, postfix) as daemon:
+        smtp = login(daemon)
+        assert smtp.sendmail("alice@example.com", ["gina@example.org"], message("5")) == {}
+        smtp.quit()  # its downstream connection now waits in the pool
+        postfix.stop()
+        try:
+            smtp = login(daemon)
+            code, reply = smtp.mail("alice@example.com")
+            assert code == 451 and reply.startswith(b"4.4.0")
+            smtp.quit()
+        finally:
+            postfix.start()
+        smtp = login(daemon)
+        assert smtp.sendmail("alice@example.com", ["hana@example.org"], message("6")) == {}
+        smtp.quit()
+    assert postfix.wait_for_log(r"to=<hana@example.org>.*status=sent")
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--relay", "smtp://127.0.0.1:2525", "--sendmail", "/bin/true"],
+         "--relay and --sendmail exclude each other"),
+        (["--relay", "smtp://127.0.0.1:2525", "--maildir", "/tmp/x"],
+         "--relay and --maildir exclude each other"),
+        (["--relay", "lmtp://127.0.0.1"], "expected smtp://HOST[:PORT] or smtps://HOST[:PORT]"),
+        (["--relay", "smtp://127.0.0.1:99999"], "bad port"),
+        (["--relay", "smtp://127.0.0.1", "--relay-connections", "0"], "must be positive"),
+        (["--relay", "smtp://127.0.0.1", "--relay-tls", "maybe"], "invalid choice"),
+    ],
+)  # fmt: skip
+def test_bad_relay_configuration_is_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    users = authfile(tmp_path, "alice:secret\n")
+    result = subprocess.run(
+        ofmipd_command("-a", str(users), "--check-config", *args),
+        capture_output=True, text=True, env=server_env(), timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 or "usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_relay_table_in_toml(tmp_path: Path) -> None:
+    users = authfile(tmp_path, "alice:secret\n")
+    config = tmp_path / "ofmipd.toml"
+    config.write_text(
+        f'[[auth]]\nkind = "authfile"\npath = "{users}"\n'
+        '[relay]\nurl = "smtp://127.0.0.1:2525"\ntls = "none"\nconnections = 3\n'
+    )
+    result = subprocess.run(
+        ofmipd_command("--config", str(config), "--check-config"),
+        capture_output=True, text=True, env=server_env(), timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "delivery: relay smtp://127.0.0.1:2525" in result.stdout
