@@ -200,6 +200,9 @@ class Relay:
                 await conn.ehlo(self.hostname)
             elif not implicit and self.tls == "require":
                 raise RelayError("STARTTLS not offered and --relay-tls require")
+        except (OSError, TimeoutError) as error:  # ssl.SSLError is an OSError
+            conn.close()
+            raise RelayError(f"TLS: {error or type(error).__name__}") from None
         except BaseException:
             conn.close()
             raise
@@ -413,11 +416,8 @@ class Identity(NamedTuple):
         return _lines("XCLIENT", self._attributes(), offered)
 
     def xforward(self, offered: str) -> list[str]:
-        # XFORWARD has no LOGIN; IDENT carries the login for the downstream's log.
-        attributes = [(k, v) for k, v in self._attributes() if k != "LOGIN"]
-        if self.login:
-            attributes.append(("IDENT", self.login))
-        return _lines("XFORWARD", attributes, offered)
+        # XFORWARD has no login (its IDENT is the previous hop's queue id): XCLIENT does.
+        return _lines("XFORWARD", self._attributes(), offered)
 
 
 def _lines(verb: str, attributes: list[tuple[str, str]], offered: str) -> list[str]:

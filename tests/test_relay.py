@@ -186,3 +186,61 @@ def test_relay_table_in_toml(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "delivery: relay smtp://127.0.0.1:2525" in result.stdout
+
+
+def test_the_downstream_failing_mid_transaction_is_a_4xx_and_nothing_queued(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    with relay_daemon(tmp_path, postfix) as daemon:
+        smtp = login(daemon)
+        smtp.mail("lost@example.com")
+        assert smtp.rcpt("ivan@example.org")[0] == 250
+        postfix.stop()
+        try:
+            code, reply = smtp.data(message("never"))
+            smtp.quit()
+        finally:
+            postfix.start()
+        assert code == 451 and reply.startswith(b"4.4.0")
+        # The next transaction gets a fresh connection, not the broken one.
+        smtp = login(daemon)
+        assert smtp.sendmail("alice@example.com", ["judy@example.org"], message("7")) == {}
+        smtp.quit()
+    assert postfix.wait_for_log(r"to=<judy@example.org>.*status=sent")
+    assert "ivan@" not in postfix.maillog()
+
+
+def test_size_goes_down_with_mail_and_the_downstream_limit_answers(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    # Postfix's message_size_limit is 10240000; ofmipd's own is 35 MiB.
+    with relay_daemon(tmp_path, postfix) as daemon:
+        smtp = login(daemon)
+        code, reply = smtp.mail("alice@example.com", ["SIZE=20000000"])
+        assert (code, reply) == (552, b"5.3.4 Message size exceeds fixed limit")
+        smtp.rset()
+        assert smtp.mail("alice@example.com", ["SIZE=2000", "BODY=8BITMIME"])[0] == 250
+        smtp.quit()
+
+
+def test_xforward_when_chosen(tmp_path: Path, postfix: Postfix) -> None:
+    with relay_daemon(tmp_path, postfix, "--relay-identity", "xforward") as daemon:
+        smtp = login(daemon)
+        assert smtp.sendmail("alice@example.com", ["kim@example.org"], message("8")) == {}
+        smtp.quit()
+    [line] = [x for x in daemon.log_text().splitlines() if "relay smtp://" in x]
+    qid = line.rsplit("queued as ", 1)[1].strip()
+    [smtpd] = postfix.wait_for_log(rf"{qid}: client=")
+    assert "orig_client=" in smtpd  # Postfix logs what XFORWARD told it
+    assert "sasl_username" not in smtpd  # XFORWARD carries no login
+
+
+def test_identity_none_sends_neither(tmp_path: Path, postfix: Postfix) -> None:
+    with relay_daemon(tmp_path, postfix, "--relay-identity", "none") as daemon:
+        smtp = login(daemon)
+        assert smtp.sendmail("alice@example.com", ["lee@example.org"], message("9")) == {}
+        smtp.quit()
+    [line] = [x for x in daemon.log_text().splitlines() if "relay smtp://" in x]
+    qid = line.rsplit("queued as ", 1)[1].strip()
+    [smtpd] = postfix.wait_for_log(rf"{qid}: client=")
+    assert "orig_client=" not in smtpd and "sasl_username" not in smtpd
