@@ -87,7 +87,7 @@ def stuffed(content: bytes) -> bytes:
 class Connection:
     """One SMTP client connection, after its EHLO."""
 
-    __slots__ = ("reader", "writer", "extensions", "dirty", "idle_handle", "used")
+    __slots__ = ("reader", "writer", "extensions", "dirty", "idle_handle", "used", "pending")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -96,6 +96,9 @@ class Connection:
         self.dirty = False  # a transaction may be open: RSET before the next
         self.idle_handle: asyncio.TimerHandle | None = None
         self.used = 0
+        # With PIPELINING, commands whose replies are read with the next command's: one
+        # write and one wake-up for RSET + XFORWARD + MAIL instead of three.
+        self.pending: list[tuple[str, int]] = []
 
     async def reply(self, wait: float = COMMAND_TIMEOUT) -> Reply:
         code, lines = await self.reply_lines(wait)
@@ -123,8 +126,20 @@ class Connection:
     def send(self, *commands: str) -> None:
         self.writer.write("".join(f"{c}\r\n" for c in commands).encode("utf-8"))
 
+    def pipeline(self, line: str, expect: int) -> bool:
+        """Queue `line` to go with the next command, if the server allows; else False."""
+        if "PIPELINING" not in self.extensions:
+            return False
+        self.pending.append((line, expect))
+        return True
+
     async def command(self, line: str, wait: float = COMMAND_TIMEOUT) -> Reply:
-        self.send(line)
+        pending, self.pending = self.pending, []
+        self.send(*(queued for queued, _ in pending), line)
+        for queued, expect in pending:
+            reply = await self.reply(wait)
+            if reply.code != expect:
+                raise RelayError(f"{queued.split()[0]} refused: {reply.line()}")
         return await self.reply(wait)
 
     async def ehlo(self, name: str) -> None:
@@ -231,6 +246,9 @@ class Relay:
                 continue
             if not conn.dirty:
                 return conn
+            if conn.pipeline("RSET", 250):  # checked with the next command
+                conn.dirty = False
+                return conn
             try:
                 if (await conn.command("RSET")).code == 250:
                     conn.dirty = False
@@ -308,12 +326,13 @@ class Relay:
                 reply = await conn.command(line)
                 if reply.code != 220:
                     raise RelayError(f"XCLIENT refused: {reply.line()}")
-                await conn.ehlo(self.hostname)  # XCLIENT restarts the session
+            await conn.ehlo(self.hostname)  # XCLIENT restarts the session
         elif kind == "xforward" and "XFORWARD" in extensions:
             for line in identity.xforward(extensions["XFORWARD"]):
-                reply = await conn.command(line)
-                if reply.code != 250:
-                    raise RelayError(f"XFORWARD refused: {reply.line()}")
+                if not conn.pipeline(line, 250):
+                    reply = await conn.command(line)
+                    if reply.code != 250:
+                        raise RelayError(f"XFORWARD refused: {reply.line()}")
         params = "".join(f" {o}" for o in options if _offered(o, extensions))
         return await conn.command(f"MAIL FROM:<{sender}>{params}")
 
