@@ -224,6 +224,22 @@ class Relay:
         self._check_identity(conn)
         return conn
 
+    async def probe(self) -> None:
+        """At start: one connection, so the log tells the admin now, not at the first
+        message, whether the MTA answers and takes XCLIENT; it then waits in the pool."""
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.size)
+        await self.slots.acquire()
+        try:
+            conn = await self._connect()
+        except RelayError as error:
+            self.slots.release()
+            log.warning("relay %s: not reachable at start: %s", self.describe(), error)
+            return
+        kinds = [k for k in ("XCLIENT", "XFORWARD", "PIPELINING") if k in conn.extensions]
+        log.info("relay %s: ready (%s)", self.describe(), " ".join(kinds) or "no extensions")
+        self.release(conn)
+
     def _check_identity(self, conn: Connection) -> None:
         if self.identity == "auto" and not self.warned_identity:
             if "XCLIENT" not in conn.extensions and "XFORWARD" not in conn.extensions:

@@ -24,7 +24,9 @@ REFUSED_REPLY = "550 5.1.1 no such user here"
 class Postfix:
     """start(), stop() (safe twice), restart(); maillog() reads its log."""
 
-    def __init__(self, root: Path, port: int, refused: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, port: int, refused: tuple[str, ...] = (), identity: bool = True
+    ) -> None:
         self.root = root
         self.port = port
         self.etc = root / "etc"
@@ -54,8 +56,8 @@ relay_transport = discard:test
 maillog_file = {root}/maillog
 maillog_file_prefixes = {root}
 smtpd_banner = $myhostname ESMTP Postfix
-smtpd_authorized_xclient_hosts = 127.0.0.1
-smtpd_authorized_xforward_hosts = 127.0.0.1
+smtpd_authorized_xclient_hosts = {"127.0.0.1" if identity else ""}
+smtpd_authorized_xforward_hosts = {"127.0.0.1" if identity else ""}
 smtpd_relay_restrictions = check_recipient_access texthash:{self.etc}/refused,
     permit_mynetworks, reject
 smtpd_recipient_restrictions =

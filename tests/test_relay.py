@@ -122,7 +122,7 @@ def test_rset_leaves_nothing_downstream_and_each_transaction_has_its_identity(
         assert "sasl_username=alice" in smtpd  # XCLIENT again on the reused connection
     assert "abandoned@" not in postfix.maillog()
     assert "dave@" not in postfix.maillog()
-    assert daemon.log_text().count("relay smtp://") == 2
+    assert daemon.log_text().count("queued as") == 2
 
 
 def test_a_dead_pooled_connection_is_replaced_and_a_stopped_mta_is_a_4xx(
@@ -228,7 +228,7 @@ def test_xforward_when_chosen(tmp_path: Path, postfix: Postfix) -> None:
         smtp = login(daemon)
         assert smtp.sendmail("alice@example.com", ["kim@example.org"], message("8")) == {}
         smtp.quit()
-    [line] = [x for x in daemon.log_text().splitlines() if "relay smtp://" in x]
+    [line] = [x for x in daemon.log_text().splitlines() if "queued as" in x]
     qid = line.rsplit("queued as ", 1)[1].strip()
     [smtpd] = postfix.wait_for_log(rf"{qid}: client=")
     assert "orig_client=" in smtpd  # Postfix logs what XFORWARD told it
@@ -240,7 +240,34 @@ def test_identity_none_sends_neither(tmp_path: Path, postfix: Postfix) -> None:
         smtp = login(daemon)
         assert smtp.sendmail("alice@example.com", ["lee@example.org"], message("9")) == {}
         smtp.quit()
-    [line] = [x for x in daemon.log_text().splitlines() if "relay smtp://" in x]
+    [line] = [x for x in daemon.log_text().splitlines() if "queued as" in x]
     qid = line.rsplit("queued as ", 1)[1].strip()
     [smtpd] = postfix.wait_for_log(rf"{qid}: client=")
     assert "orig_client=" not in smtpd and "sasl_username" not in smtpd
+
+
+def test_auto_identity_warns_once_at_start_when_the_mta_offers_neither(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ofmipd-postfix-"))
+    plain = Postfix(root, free_port(), identity=False)  # no XCLIENT, no XFORWARD offered
+    plain.start()
+    try:
+        with relay_daemon(tmp_path, plain) as daemon:
+            daemon.wait_for_log("offers neither XCLIENT nor XFORWARD")  # before any message
+            for rcpt in ("mia@example.org", "ned@example.org"):
+                smtp = login(daemon)
+                assert smtp.sendmail("alice@example.com", [rcpt], message("10")) == {}
+                smtp.quit()
+            assert daemon.log_text().count("offers neither") == 1
+        assert plain.wait_for_log(r"to=<ned@example.org>.*status=sent")
+    finally:
+        plain.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_start_says_the_relay_is_ready_with_what_it_offers(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    with relay_daemon(tmp_path, postfix) as daemon:
+        daemon.wait_for_log(
+            f"relay smtp://127.0.0.1:{postfix.port}: ready (XCLIENT XFORWARD PIPELINING)"
+        )
