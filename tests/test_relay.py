@@ -246,6 +246,7 @@ def test_identity_none_sends_neither(tmp_path: Path, postfix: Postfix) -> None:
     assert "orig_client=" not in smtpd and "sasl_username" not in smtpd
 
 
+@pytest.mark.slow  # its own Postfix: about 3 s to set up and start
 def test_auto_identity_warns_once_at_start_when_the_mta_offers_neither(tmp_path: Path) -> None:
     root = Path(tempfile.mkdtemp(prefix="ofmipd-postfix-"))
     plain = Postfix(root, free_port(), identity=False)  # no XCLIENT, no XFORWARD offered
