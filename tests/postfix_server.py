@@ -25,18 +25,36 @@ class Postfix:
     """start(), stop() (safe twice), restart(); maillog() reads its log."""
 
     def __init__(
-        self, root: Path, port: int, refused: tuple[str, ...] = (), identity: bool = True
+        self,
+        root: Path,
+        port: int,
+        refused: tuple[str, ...] = (),
+        identity: bool = True,
+        smtps_port: int | None = None,
     ) -> None:
+        """With `smtps_port`, STARTTLS on `port` and implicit TLS there, with a certificate
+        for "localhost" (self.cert) that a client may trust through SSL_CERT_FILE."""
         self.root = root
         self.port = port
+        self.smtps_port = smtps_port
         self.etc = root / "etc"
         self.running = False
         for sub in ("etc", "spool", "data"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o755)  # postfix's unprivileged daemons must reach their dirs
         (self.etc / "refused").write_text("".join(f"{r} {REFUSED_REPLY}\n" for r in refused))
+        tls = ""
+        if smtps_port is not None:
+            from tests.tls_support import make_certificate
+
+            self.cert, key = make_certificate(root, "localhost")
+            tls = (
+                f"smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {self.cert}\n"
+                f"smtpd_tls_key_file = {key}\nsmtpd_tls_loglevel = 1\n"
+            )
         (self.etc / "main.cf").write_text(
-            f"""compatibility_level = 3.6
+            tls
+            + f"""compatibility_level = 3.6
 config_directory = {self.etc}
 queue_directory = {root}/spool
 data_directory = {root}/data
@@ -69,9 +87,15 @@ alias_maps =
 alias_database =
 """
         )
+        smtps = ""
+        if smtps_port is not None:
+            smtps = (
+                f"127.0.0.1:{smtps_port} inet n - n - - smtpd\n"
+                "  -o syslog_name=postfix-test/smtps -o smtpd_tls_wrappermode=yes\n"
+            )
         (self.etc / "master.cf").write_text(
             f"127.0.0.1:{port} inet n - n - - smtpd\n"
-            "  -o syslog_name=postfix-test/downstream\n" + INTERNAL
+            "  -o syslog_name=postfix-test/downstream\n" + smtps + INTERNAL
         )
         shutil.copy("/etc/postfix/dynamicmaps.cf", self.etc / "dynamicmaps.cf")
         _run([POSTFIX, "-c", str(self.etc), "set-permissions"])

@@ -26,7 +26,7 @@ def postfix() -> Iterator[Postfix]:
     # Not under pytest's tmp_path: its 0700 parent keeps Postfix's daemons out.
     root = Path(tempfile.mkdtemp(prefix="ofmipd-postfix-"))
     try:
-        server = Postfix(root, free_port(), refused=(REFUSED,))
+        server = Postfix(root, free_port(), refused=(REFUSED,), smtps_port=free_port())
         server.start()
         try:
             yield server
@@ -272,3 +272,66 @@ def test_start_says_the_relay_is_ready_with_what_it_offers(
         daemon.wait_for_log(
             f"relay smtp://127.0.0.1:{postfix.port}: ready (XCLIENT XFORWARD PIPELINING)"
         )
+
+
+def tls_of(postfix: Postfix, qid: str) -> str:
+    """'TLSv1.3' if the connection that queued `qid` had TLS, else ''. Postfix reuses an
+    smtpd process for many connections: look from its last "connect from" before `qid`."""
+    [smtpd] = postfix.wait_for_log(rf"{qid}: client=")
+    pid = re.search(r"smtpd\[(\d+)\]", smtpd)
+    assert pid
+    tls = ""
+    for line in postfix.maillog().splitlines():
+        if f"smtpd[{pid.group(1)}]: " not in line:
+            continue
+        if "connect from" in line and "disconnect" not in line:
+            tls = ""
+        found = re.search(r"TLS connection established.*?(TLSv[0-9.]+) with cipher", line)
+        if found:
+            tls = found.group(1)
+        if f"{qid}: client=" in line:
+            return tls
+    raise AssertionError(f"no {qid} in the log")
+
+
+def send_one(daemon: Daemon, rcpt: str) -> str:
+    smtp = login(daemon)
+    smtp.mail("alice@example.com")
+    assert smtp.rcpt(rcpt)[0] == 250
+    code, reply = smtp.data(message(rcpt))
+    smtp.quit()
+    assert code == 250, reply
+    return queue_id(reply)
+
+
+@pytest.mark.parametrize(
+    "url,args,env,tls",
+    [
+        ("smtp://127.0.0.1:{port}", [], {}, True),  # opportunistic: STARTTLS, unverified
+        ("smtp://127.0.0.1:{port}", ["--relay-tls", "none"], {}, False),
+        ("smtp://localhost:{port}", ["--relay-tls", "require"], {"SSL_CERT_FILE": "cert"}, True),
+        ("smtps://127.0.0.1:{smtps}", [], {}, True),
+    ],
+    ids=["opportunistic", "none", "require-verified", "smtps"],
+)
+def test_tls_to_the_relay(
+    tmp_path: Path, postfix: Postfix, url: str, args: list[str], env: dict[str, str], tls: bool
+) -> None:
+    relay = url.format(port=postfix.port, smtps=postfix.smtps_port)
+    users = authfile(tmp_path, "alice:secret\n")
+    port = free_port()
+    environment = server_env(**{k: str(postfix.cert) for k in env})
+    command = ["-p", f"127.0.0.1:{port}", "-a", str(users), "-L", "--relay", relay, *args]
+    with Daemon(command, port, tmp_path, env=environment) as daemon:
+        qid = send_one(daemon, "olga@example.org")
+    assert bool(tls_of(postfix, qid)) is tls
+
+
+def test_require_refuses_a_certificate_it_cannot_verify(tmp_path: Path, postfix: Postfix) -> None:
+    # No SSL_CERT_FILE: the self-signed certificate is not trusted, so nothing goes down.
+    with relay_daemon(tmp_path, postfix, "--relay-tls", "require") as daemon:
+        smtp = login(daemon)
+        code, reply = smtp.mail("alice@example.com")
+        smtp.quit()
+    assert code == 451 and reply.startswith(b"4.4.0")
+    assert "certificate verify failed" in daemon.log_text()

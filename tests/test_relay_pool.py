@@ -185,3 +185,16 @@ def test_a_refused_connection_is_a_4xx_not_an_exception() -> None:
         assert await relay.begin(IDENTITY, "a@example.com", []) == (DOWNSTREAM_FAILED, None)
 
     run(test)
+
+
+def test_require_without_starttls_offered_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeDownstream(("PIPELINING",))
+
+    async def test() -> None:
+        async with fake as relay:
+            relay.tls = "require"
+            assert await relay.begin(IDENTITY, "a@example.com", []) == (DOWNSTREAM_FAILED, None)
+
+    run(test)
+    assert "STARTTLS not offered and --relay-tls require" in caplog.text
+    assert not any(b"MAIL" in c for c in fake.chunks)
