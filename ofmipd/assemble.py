@@ -42,7 +42,7 @@ def build_chain(config: Config) -> Chain:
 def build_delivery(config: Config, hostname: str) -> Delivery:
     target: Target
     if config.relay:
-        from ofmipd.relay import Relay, parse_url
+        from ofmipd.relay import Relay, parse_url, read_login
 
         target = Relay(
             parse_url(config.relay),
@@ -50,6 +50,7 @@ def build_delivery(config: Config, hostname: str) -> Delivery:
             size=config.relay_connections,
             identity=config.relay_identity,
             hostname=hostname,
+            login=read_login(config.relay_auth) if config.relay_auth else None,
         )
     elif config.maildir:
         owner = None

@@ -80,6 +80,7 @@ class Config(NamedTuple):
     relay_tls: str = "opportunistic"
     relay_connections: int = 10
     relay_identity: str = "auto"
+    relay_auth: str | None = None  # USER:PASSWORD-FILE, AUTH PLAIN to the relay over TLS
     throttle_script: str | None = None
     delivery_timeout: float = 300.0
     ssl: bool = False
@@ -404,6 +405,9 @@ SETTINGS = (
             "pass the client downstream with xclient, xforward, none or auto (the default: "
             "whichever the relay offers)",
             DELIVERY, toml="relay.identity", choices=("auto", "xclient", "xforward", "none")),
+    Setting("relay_auth", ("--relay-auth",),
+            "log in to the relay with AUTH PLAIN, over TLS only; the password is the first line "
+            "of the file", DELIVERY, metavar="USER:PASSWORD-FILE", toml="relay.auth"),
     Setting("throttle_script", ("-t", "--throttle-script"),
             "run with the user name before delivery; non-zero exit refuses",
             DELIVERY, metavar="PATH", toml="delivery.throttle_script"),
@@ -481,6 +485,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("--ssl and --tls need --ssl-cert FILE")
     if config.sendmail and config.maildir:
         raise ConfigError("--sendmail and --maildir exclude each other: choose one delivery")
+    if config.relay_auth and config.relay_tls == "none":
+        raise ConfigError("--relay-auth needs TLS: a password is never sent in clear")
     if config.relay and (config.sendmail or config.maildir):
         other = "--sendmail" if config.sendmail else "--maildir"
         raise ConfigError(f"--relay and {other} exclude each other: choose one delivery")

@@ -15,7 +15,9 @@ own on asyncio streams: smtplib would block the loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
 import ssl
 import time
 from typing import TYPE_CHECKING, NamedTuple
@@ -64,6 +66,26 @@ def parse_url(url: str) -> Downstream:
         raise ConfigError(f"--relay {url!r}: only a scheme, a host and a port are allowed")
     implicit = parts.scheme == "smtps"
     return Downstream(parts.hostname, parts.port or (465 if implicit else 25), implicit)
+
+
+def read_login(spec: str) -> tuple[str, str]:
+    """--relay-auth USER:PASSWORD-FILE: the user and the file's first line, read once at
+    start (before privileges are dropped)."""
+    from ofmipd.secretfile import warn_if_shared
+
+    user, sep, path = spec.partition(":")
+    if not user or not sep or not path:
+        raise ConfigError(f"--relay-auth {spec!r}: expected USER:PASSWORD-FILE")
+    try:
+        with open(path, encoding="utf-8") as file:
+            warn_if_shared(os.fstat(file.fileno()), path, "--relay-auth password file")
+            password = file.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"--relay-auth: {path}: {reason}") from None
+    if not password:
+        raise ConfigError(f"--relay-auth: {path}: the first line (the password) is empty")
+    return user, password
 
 
 def xtext(value: str) -> str:
@@ -168,9 +190,17 @@ class Relay:
     name = "relay"
 
     def __init__(
-        self, downstream: Downstream, *, tls: str, size: int, identity: str, hostname: str
+        self,
+        downstream: Downstream,
+        *,
+        tls: str,
+        size: int,
+        identity: str,
+        hostname: str,
+        login: tuple[str, str] | None = None,
     ) -> None:
         self.downstream = downstream
+        self.login = login  # --relay-auth (user, password)
         self.tls = tls
         self.size = size
         self.identity = identity
@@ -207,14 +237,18 @@ class Relay:
             if greeting.code != 220:
                 raise RelayError(f"greeting {greeting.line()}")
             await conn.ehlo(self.hostname)
+            secure = implicit
             if not implicit and self.tls != "none" and "STARTTLS" in conn.extensions:
                 reply = await conn.command("STARTTLS")
                 if reply.code != 220:
                     raise RelayError(f"STARTTLS refused: {reply.line()}")
                 await writer.start_tls(self._tls_context(), server_hostname=host)
                 await conn.ehlo(self.hostname)
+                secure = True
             elif not implicit and self.tls == "require":
                 raise RelayError("STARTTLS not offered and --relay-tls require")
+            if self.login is not None:
+                await self._authenticate(conn, secure)
         except (OSError, TimeoutError) as error:  # ssl.SSLError is an OSError
             conn.close()
             raise RelayError(f"TLS: {error or type(error).__name__}") from None
@@ -223,6 +257,21 @@ class Relay:
             raise
         self._check_identity(conn)
         return conn
+
+    async def _authenticate(self, conn: Connection, secure: bool) -> None:
+        """AUTH PLAIN, only inside TLS: --relay-auth never sends its password in clear."""
+        assert self.login is not None
+        user, password = self.login
+        if not secure:
+            raise RelayError("no TLS to send --relay-auth over (the relay offers no STARTTLS)")
+        if "PLAIN" not in conn.extensions.get("AUTH", "").upper().split():
+            raise RelayError(
+                f"relay does not offer AUTH PLAIN (AUTH {conn.extensions.get('AUTH')})"
+            )
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+        reply = await conn.command(f"AUTH PLAIN {token}")
+        if reply.code != 235:
+            raise RelayError(f"AUTH as {printable(user)} refused: {reply.line()}")
 
     async def probe(self) -> None:
         """At start: one connection, so the log tells the admin now, not at the first
