@@ -647,7 +647,11 @@ class SubmissionHandler:
             user=session.user,
             client=server.client,
         )
-        reply = await self.app.delivery.deliver(submission, server.relay_transaction)
+        transaction = server.relay_transaction
+        if transaction is not None:
+            reply = await self.app.delivery.deliver(submission, transaction)
+        else:
+            reply = await self.app.delivery.deliver(submission)
         self.app.metrics.delivery(reply)
         log.info(
             "session %s: message %s from=<%s> rcpts=%d size=%d user=%s result=%s",
