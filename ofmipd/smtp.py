@@ -588,8 +588,10 @@ class SubmissionHandler:
         if self.app.relay is not None:
             from ofmipd.relay import Identity
 
+            # The name as the Received header gives it (the lookup is cached for DATA).
+            client = server.client.with_changes(hostname=await server.reverse_name())
             identity = Identity(
-                server.client, session.host_name, session.user, bool(session.extended_smtp)
+                client, session.host_name, session.user, bool(session.extended_smtp)
             )
             reply, transaction = await self.app.relay.begin(identity, address, mail_options)
             if transaction is None:

@@ -31,6 +31,7 @@ class Postfix:
         refused: tuple[str, ...] = (),
         identity: bool = True,
         smtps_port: int | None = None,
+        extra_master: str = "",
     ) -> None:
         """With `smtps_port`, STARTTLS on `port` and implicit TLS there, with a certificate
         for "localhost" (self.cert) that a client may trust through SSL_CERT_FILE."""
@@ -95,7 +96,7 @@ alias_database =
             )
         (self.etc / "master.cf").write_text(
             f"127.0.0.1:{port} inet n - n - - smtpd\n"
-            "  -o syslog_name=postfix-test/downstream\n" + smtps + INTERNAL
+            "  -o syslog_name=postfix-test/downstream\n" + smtps + extra_master + INTERNAL
         )
         shutil.copy("/etc/postfix/dynamicmaps.cf", self.etc / "dynamicmaps.cf")
         _run([POSTFIX, "-c", str(self.etc), "set-permissions"])
