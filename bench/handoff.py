@@ -6,6 +6,7 @@ discarded) receives from both ofmipd paths: over SMTP on its loopback port (--re
 through its own /usr/sbin/sendmail -C (postdrop, pickup). The load is bench.load's: one
 AUTH PLAIN session per message, 4 KB. CPU per message is split into ofmipd's own share
 and Postfix's; the sendmail and postdrop processes ofmipd forks count as Postfix's.
+ofmipd --maildir (no Postfix) is measured too, for ofmipd's own share.
 Prints one JSON object per path and run, then the medians and the ratios the issue asks
 for (relay >= 1.8x sendmail, >= 0.45x Postfix+Dovecot).
 """
@@ -77,11 +78,13 @@ def main() -> int:
         group = os.getpgid(master)
         relay = ["--relay", f"smtp://127.0.0.1:{postfix.port}"]
         sendmail = ["--sendmail", f"/usr/sbin/sendmail -C {postfix.etc}"]
+        maildir = ["--maildir", str(ws.maildir("handoff"))]  # ofmipd's share to compare with
         running = [
             systems.start_custom(procs, ws, "relay", lambda p: ofmipd_argv(ws, p, relay, "r")),
             systems.start_custom(
                 procs, ws, "sendmail", lambda p: ofmipd_argv(ws, p, sendmail, "s")
             ),
+            systems.start_custom(procs, ws, "maildir", lambda p: ofmipd_argv(ws, p, maildir, "m")),
         ]
         submission = systems.start(procs, ws, "postfix-dovecot", "maildir")
         for server in running + [submission]:  # warm-up, not recorded
@@ -115,7 +118,7 @@ def main() -> int:
     summary: dict[str, object] = {
         path: {k: median(path, k) for k in ("rate", "ofmipd_cpu_ms", "postfix_cpu_ms")
                if all(k in r for r in rows if r["path"] == path)}
-        for path in ("relay", "sendmail", "postfix-dovecot")
+        for path in ("relay", "sendmail", "maildir", "postfix-dovecot")
     }  # fmt: skip
     summary["relay/sendmail"] = round(median("relay", "rate") / median("sendmail", "rate"), 2)
     summary["relay/postfix-dovecot"] = round(
