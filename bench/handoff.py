@@ -105,7 +105,11 @@ def main() -> int:
             )
             cpu = (scaling.group_cpu(sub_group) - before) * 1000 / args.sessions
             rows.append(
-                {"path": "postfix-dovecot", "rate": round(result.rate, 1), "postfix_cpu_ms": cpu}
+                {
+                    "path": "postfix-dovecot",
+                    "rate": round(result.rate, 1),
+                    "postfix_cpu_ms": round(cpu, 3),
+                }
             )
             print(json.dumps(rows[-1]), flush=True)
     finally:
