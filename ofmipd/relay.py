@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ofmipd.relay")
 
 DOWNSTREAM_FAILED = "451 4.4.0 Relay to the mail system failed, try again later"
+POOL_BUSY = "451 4.3.2 Mail system busy, try again later"
+ACQUIRE_TIMEOUT = 60.0  # a MAIL waits this long for a free connection to the MTA
 COMMAND_TIMEOUT = 60.0  # each downstream command; DATA's reply may take longer
 DATA_TIMEOUT = 600.0
 IDLE_TIMEOUT = 30.0  # an unused pooled connection is closed after this; Postfix waits 300 s
@@ -109,7 +111,9 @@ def stuffed(content: bytes) -> bytes:
 class Connection:
     """One SMTP client connection, after its EHLO."""
 
-    __slots__ = ("reader", "writer", "extensions", "dirty", "idle_handle", "used", "pending")
+    __slots__ = (
+        "reader", "writer", "extensions", "dirty", "idle_handle", "used", "pending", "in_flight"
+    )  # fmt: skip
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -121,6 +125,9 @@ class Connection:
         # With PIPELINING, commands whose replies are read with the next command's: one
         # write and one wake-up for RSET + XFORWARD + MAIL instead of three.
         self.pending: list[tuple[str, int]] = []
+        # Sent and not yet answered: a connection left so (its user cancelled) would hand
+        # the stale reply to the next command, so the pool closes it instead.
+        self.in_flight = False
 
     async def reply(self, wait: float = COMMAND_TIMEOUT) -> Reply:
         code, lines = await self.reply_lines(wait)
@@ -146,6 +153,7 @@ class Connection:
             raise RelayError(str(error) or type(error).__name__) from None
 
     def send(self, *commands: str) -> None:
+        self.in_flight = True
         self.writer.write("".join(f"{c}\r\n" for c in commands).encode("utf-8"))
 
     def pipeline(self, line: str, expect: int) -> bool:
@@ -162,7 +170,9 @@ class Connection:
             reply = await self.reply(wait)
             if reply.code != expect:
                 raise RelayError(f"{queued.split()[0]} refused: {reply.line()}")
-        return await self.reply(wait)
+        reply = await self.reply(wait)
+        self.in_flight = False
+        return reply
 
     async def ehlo(self, name: str) -> None:
         self.send(f"EHLO {name}")
@@ -173,6 +183,7 @@ class Connection:
         for line in lines[1:]:
             keyword, _, params = line.partition(" ")
             self.extensions[keyword.upper()] = params
+        self.in_flight = False
 
     def close(self) -> None:
         if self.idle_handle is not None:
@@ -326,7 +337,7 @@ class Relay:
     def release(self, conn: Connection, *, broken: bool = False) -> None:
         if self.slots is not None:
             self.slots.release()
-        if broken or conn.writer.is_closing():
+        if broken or conn.in_flight or conn.writer.is_closing():
             conn.close()
             return
         conn.idle_handle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._expire, conn)
@@ -353,24 +364,36 @@ class Relay:
         """MAIL downstream: the reply for the client and, if it was 250, the transaction."""
         if self.slots is None:
             self.slots = asyncio.Semaphore(self.size)
-        await self.slots.acquire()
+        try:
+            async with asyncio.timeout(ACQUIRE_TIMEOUT):
+                await self.slots.acquire()
+        except TimeoutError:
+            log.warning("relay %s: all %d connections busy", self.describe(), self.size)
+            return POOL_BUSY, None
         conn: Connection | None = None
-        # A pooled connection may have died since it was used (the MTA restarted, its
-        # idle timeout): one fresh connection replaces it without failing the client.
-        for attempt in (1, 2):
-            try:
-                conn = await self._acquire()
-                reply = await self._mail(conn, identity, sender, options)
-            except RelayError as error:
-                if conn is not None:
-                    conn.close()
-                reused, conn = conn is not None and conn.used > 0, None
-                if attempt == 1 and reused:
-                    continue
-                self.slots.release()
-                log.warning("relay %s: MAIL failed: %s", self.describe(), error)
-                return DOWNSTREAM_FAILED, None
-            break
+        try:
+            # A pooled connection may have died since it was used (the MTA restarted, its
+            # idle timeout): one fresh connection replaces it without failing the client.
+            for attempt in (1, 2):
+                conn = None
+                try:
+                    conn = await self._acquire()
+                    reply = await self._mail(conn, identity, sender, options)
+                except RelayError as error:
+                    if conn is not None:
+                        conn.close()
+                    if attempt == 1 and conn is not None and conn.used > 0:
+                        continue
+                    conn = None
+                    self.slots.release()
+                    log.warning("relay %s: MAIL failed: %s", self.describe(), error)
+                    return DOWNSTREAM_FAILED, None
+                break
+        except BaseException:  # cancelled (the client went away): give back what we hold
+            if conn is not None:
+                conn.close()
+            self.slots.release()
+            raise
         assert conn is not None
         conn.used += 1
         if reply.code != 250:
@@ -446,9 +469,11 @@ class Transaction:
             if reply.code != 354:
                 self.abort()
                 return _for_client(reply)
+            conn.in_flight = True
             conn.writer.write(stuffed(content))
             started = time.monotonic()
             reply = await conn.reply(DATA_TIMEOUT)
+            conn.in_flight = False
         except RelayError as error:
             self._fail("DATA", error)
             return DOWNSTREAM_FAILED

@@ -12,7 +12,7 @@ import pytest
 
 from ofmipd import relay as relay_module
 from ofmipd.identity import ClientIdentity
-from ofmipd.relay import DOWNSTREAM_FAILED, Downstream, Identity, Relay
+from ofmipd.relay import DOWNSTREAM_FAILED, POOL_BUSY, Downstream, Identity, Relay
 
 IDENTITY = Identity(ClientIdentity("192.0.2.9", 5555), "client.example", "alice", esmtp=True)
 
@@ -20,8 +20,9 @@ IDENTITY = Identity(ClientIdentity("192.0.2.9", 5555), "client.example", "alice"
 class FakeDownstream:
     """A scripted SMTP server: 250 to everything, 354 to DATA."""
 
-    def __init__(self, extensions: tuple[str, ...]) -> None:
+    def __init__(self, extensions: tuple[str, ...], slow: str = "") -> None:  # slow: upper case
         self.extensions = extensions
+        self.slow = slow  # a verb whose reply comes only after 2 s
         self.chunks: list[bytes] = []
         self.open = 0
         self.most_open = 0
@@ -49,6 +50,8 @@ class FakeDownstream:
                     if not sep:
                         break
                     buffer = rest
+                    if self.slow and line.upper().startswith(self.slow.encode()):
+                        await asyncio.sleep(2)
                     writer.write(self.answer(line.decode()))
                     in_data = line.upper() == b"DATA"
                 await writer.drain()
@@ -198,3 +201,57 @@ def test_require_without_starttls_offered_sends_nothing(caplog: pytest.LogCaptur
     run(test)
     assert "STARTTLS not offered and --relay-tls require" in caplog.text
     assert not any(b"MAIL" in c for c in fake.chunks)
+
+
+def test_a_cancelled_rcpt_closes_its_connection_instead_of_pooling_a_stale_reply() -> None:
+    fake = FakeDownstream(("PIPELINING",), slow="RCPT")
+
+    async def test() -> None:
+        async with fake as relay:
+            _, transaction = await relay.begin(IDENTITY, "a@example.com", [])
+            assert transaction is not None
+            task = asyncio.create_task(transaction.rcpt("b@example.org"))
+            await asyncio.sleep(0.2)
+            assert not task.done()  # waiting for the RCPT reply
+            task.cancel()  # the client went away mid-RCPT
+            transaction.abort()  # what connection_lost does
+            assert relay.idle == []  # its RCPT reply is still to come: never reused
+
+    run(test)
+
+
+def test_a_cancelled_mail_gives_back_its_slot() -> None:
+    fake = FakeDownstream(("PIPELINING",), slow="MAIL FROM:<SLOW")
+
+    async def test() -> None:
+        async with fake as relay:
+            relay.size = 1
+            task = asyncio.create_task(relay.begin(IDENTITY, "slow@example.com", []))
+            await asyncio.sleep(0.2)
+            assert not task.done()  # waiting for the MAIL reply
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            reply, transaction = await asyncio.wait_for(
+                relay.begin(IDENTITY, "a@example.com", []), 1
+            )
+            assert reply.startswith("250") and transaction is not None
+            transaction.abort()
+
+    run(test)
+
+
+def test_a_mail_waiting_too_long_for_a_connection_gets_451(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "ACQUIRE_TIMEOUT", 0.2)
+    fake = FakeDownstream(("PIPELINING",))
+
+    async def test() -> None:
+        async with fake as relay:
+            relay.size = 1
+            _, held = await relay.begin(IDENTITY, "a@example.com", [])
+            assert held is not None
+            assert await relay.begin(IDENTITY, "b@example.com", []) == (POOL_BUSY, None)
+            held.abort()
+
+    run(test)
