@@ -472,10 +472,23 @@ class Transaction:
             conn.in_flight = True
             conn.writer.write(stuffed(content))
             started = time.monotonic()
+        except RelayError as error:
+            self._fail("DATA", error)
+            return DOWNSTREAM_FAILED
+        try:
             reply = await conn.reply(DATA_TIMEOUT)
             conn.in_flight = False
         except RelayError as error:
-            self._fail("DATA", error)
+            # RFC 1047's window: the MTA may have queued the message and gone before its
+            # 250 reached us. 451 makes the client send it again (a possible duplicate);
+            # a 250 could lose it. The admin is told which.
+            self._fail(
+                "DATA",
+                RelayError(
+                    f"{error} after the message was sent: OUTCOME UNKNOWN, "
+                    "the MTA may have queued it"
+                ),
+            )
             return DOWNSTREAM_FAILED
         log.debug("relay: DATA answered in %.3f s", time.monotonic() - started)
         self.conn = None

@@ -1,6 +1,7 @@
 """No loss and no duplicate while the downstream MTA stops and starts mid-run: every
 message either got 250 and Postfix delivered it exactly once, or got a 4xx and Postfix
-never saw it."""
+never saw it, except where ofmipd logged that the MTA went away after the whole message
+was sent (it may have queued it: RFC 1047's window, which no SMTP client can close)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_stopping_and_starting_the_mta_twice_loses_and_duplicates_nothing(
         users = authfile(tmp_path, "alice:secret\n")
         port = free_port()
         args = ["-p", f"127.0.0.1:{port}", "-a", str(users), "--relay",
-                f"smtp://127.0.0.1:{postfix.port}", "--max-errors", "100000"]  # fmt: skip
+                f"smtp://127.0.0.1:{postfix.port}", "--max-errors", "100000", "-L"]  # fmt: skip
         with Daemon(args, port, tmp_path, env=server_env()) as daemon:
             threads = [
                 threading.Thread(
@@ -73,6 +74,9 @@ def test_stopping_and_starting_the_mta_twice_loses_and_duplicates_nothing(
                 postfix.start()
             for thread in threads:
                 thread.join(120)
+            relay_log = [
+                x for x in daemon.log_text().splitlines() if "relay" in x and "250" not in x
+            ]
         accepted = {n for n, code in outcomes.items() if code == 250}
         assert len(outcomes) == MESSAGES
         assert all(code == 250 or 400 <= code < 500 for code in outcomes.values()), outcomes
@@ -83,7 +87,13 @@ def test_stopping_and_starting_the_mta_twice_loses_and_duplicates_nothing(
             int(found.group(1))
             for found in re.finditer(r"to=<m(\d+)@example\.org>.*status=sent", postfix.maillog())
         )
-        assert set(sent) == accepted
+        # A message whose reply was lost after its final dot (the MTA killed between
+        # queueing it and answering: RFC 1047) may be queued although the client heard
+        # 451; ofmipd logs each such case as OUTCOME UNKNOWN. Every other 4xx is nowhere.
+        unknown = sum("OUTCOME UNKNOWN" in line for line in relay_log)
+        assert accepted <= set(sent)
+        extra = set(sent) - accepted
+        assert len(extra) <= unknown, (extra, unknown)
         assert max(sent.values()) == 1
     finally:
         postfix.stop()
