@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ofmipd.proxy import TrustedProxies
     from ofmipd.ratelimit import LoginLimiter
     from ofmipd.rdns import ReverseNames
+    from ofmipd.relay import Relay
     from ofmipd.rules import Rules
     from ofmipd.senders import SenderMap
 
@@ -80,7 +81,7 @@ class App:
         "config", "hostname", "chain", "delivery", "mechanisms", "starttls_context",
         "implicit_tls_context", "rules", "proxy_trust", "proxy_timeout", "senders", "limiter",
         "metrics", "reverse_names", "instance_id", "sessions_started", "smtp_handler",
-        "tls_terminators",
+        "tls_terminators", "relay",
     )  # fmt: skip
 
     def __init__(
@@ -120,6 +121,7 @@ class App:
         # ofmipd.smtp's handler for this App, made by its first session (smtp.handler_for).
         self.smtp_handler: object = None
         self.tls_terminators: Networks | None = None  # --tls-in-front peers
+        self.relay: Relay | None = None  # --relay: MAIL, RCPT and DATA go down through it
 
     def new_session_id(self) -> str:
         return f"{self.instance_id}{next(self.sessions_started):x}"
@@ -186,4 +188,5 @@ def describe_target(target: Target) -> str:
         return target.path
     if isinstance(target, SendmailTarget):
         return target.describe()
-    return ""
+    describe = getattr(target, "describe", None)  # the relay's URL
+    return describe() if callable(describe) else ""

@@ -39,11 +39,23 @@ def build_chain(config: Config) -> Chain:
     return Chain([auth_backends.create(spec) for spec in config.auth], timeout=config.auth_timeout)
 
 
-def build_delivery(config: Config) -> Delivery:
+def build_delivery(config: Config, hostname: str) -> Delivery:
     target: Target
-    if config.maildir:
-        if config.injector_exits:  # a Maildir has no exit status: the setting would do nothing
-            raise ConfigError("--injector-exits applies to --sendmail, not to --maildir")
+    if config.injector_exits and (config.maildir or config.relay):
+        # a Maildir or a relay has no exit status: the setting would do nothing
+        raise ConfigError("--injector-exits applies to --sendmail, not to --maildir or --relay")
+    if config.relay:
+        from ofmipd.relay import Relay, parse_url, read_login
+
+        target = Relay(
+            parse_url(config.relay),
+            tls=config.relay_tls,
+            size=config.relay_connections,
+            identity=config.relay_identity,
+            hostname=hostname,
+            login=read_login(config.relay_auth) if config.relay_auth else None,
+        )
+    elif config.maildir:
         owner = None
         if config.username and os.geteuid() == 0:
             from ofmipd.privileges import lookup
@@ -101,13 +113,19 @@ def build_app(config: Config, previous: App | None = None) -> App:
     endpoint carry over, so a SIGHUP neither forgets failures nor rebinds a port."""
     chain = build_chain(config)
     mechanisms = ("PLAIN", "LOGIN") + (("CRAM-MD5",) if chain.supports_cram_md5 else ())
+    hostname = config.hostname or default_hostname()
     app = App(
         config=config,
-        hostname=config.hostname or default_hostname(),
+        hostname=hostname,
         chain=chain,
-        delivery=build_delivery(config),
+        delivery=build_delivery(config, hostname),
         mechanisms=mechanisms,
     )
+    if config.relay:
+        from ofmipd.relay import Relay
+
+        assert isinstance(app.delivery.target, Relay)
+        app.relay = app.delivery.target
     if config.ssl or config.tls:
         from ofmipd.tls import server_context
 

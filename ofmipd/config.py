@@ -77,6 +77,11 @@ class Config(NamedTuple):
     sendmail: str | None = None
     maildir: str | None = None
     injector_exits: str | None = None  # None: "sysexits"; see delivery.INJECTOR_EXITS
+    relay: str | None = None  # smtp://HOST[:PORT] or smtps://HOST[:PORT] (ofmipd.relay)
+    relay_tls: str = "opportunistic"
+    relay_connections: int = 10
+    relay_identity: str = "auto"
+    relay_auth: str | None = None  # USER:PASSWORD-FILE, AUTH PLAIN to the relay over TLS
     throttle_script: str | None = None
     delivery_timeout: float = 300.0
     ssl: bool = False
@@ -329,7 +334,7 @@ CONNECTIONS = "connections"
 TLS = "TLS"
 DELIVERY = "delivery"
 LIMITS = "limits and abuse resistance"
-TOML_TABLES = ("tls", "delivery", "log")  # [table] key; the [ratelimit] table is its own
+TOML_TABLES = ("tls", "delivery", "log", "relay")  # [table] key; the [ratelimit] table is its own
 
 # In --help order, group by group; the authentication flags come from auth_backends.
 SETTINGS = (
@@ -402,6 +407,22 @@ SETTINGS = (
     Setting("add_date", ("--no-add-date",),
             "do not add a Date to an authenticated user's message that lacks one",
             DELIVERY, bool, toml="add_date", const=False),
+    Setting("relay", ("--relay",),
+            "hand messages to this MTA over SMTP instead: smtp://HOST[:PORT] or smtps://HOST[:PORT]",
+            DELIVERY, metavar="URL", toml="relay.url"),
+    Setting("relay_tls", ("--relay-tls",),
+            "TLS to the relay: require, opportunistic (STARTTLS when offered; the default) or none",
+            DELIVERY, toml="relay.tls", choices=("require", "opportunistic", "none")),
+    Setting("relay_connections", ("--relay-connections",),
+            "connections to the relay at most, pooled (default 10)",
+            DELIVERY, int, "N", toml="relay.connections"),
+    Setting("relay_identity", ("--relay-identity",),
+            "pass the client downstream with xclient, xforward, none or auto (the default: "
+            "whichever the relay offers)",
+            DELIVERY, toml="relay.identity", choices=("auto", "xclient", "xforward", "none")),
+    Setting("relay_auth", ("--relay-auth",),
+            "log in to the relay with AUTH PLAIN, over TLS only; the password is the first line "
+            "of the file", DELIVERY, metavar="USER:PASSWORD-FILE", toml="relay.auth"),
     Setting("throttle_script", ("-t", "--throttle-script"),
             "run with the user name before delivery; non-zero exit refuses",
             DELIVERY, metavar="PATH", toml="delivery.throttle_script"),
@@ -484,6 +505,11 @@ def validate(config: Config) -> Config:
         raise ConfigError("--sendmail and --maildir exclude each other: choose one delivery")
     if config.check_header_from and not config.sender_map:
         raise ConfigError("--check-header-from needs --sender-map FILE (who may use which From)")
+    if config.relay_auth and config.relay_tls == "none":
+        raise ConfigError("--relay-auth needs TLS: a password is never sent in clear")
+    if config.relay and (config.sendmail or config.maildir):
+        other = "--sendmail" if config.sendmail else "--maildir"
+        raise ConfigError(f"--relay and {other} exclude each other: choose one delivery")
     _check_numbers(config)
     _check_processes(config)
     return config
@@ -516,6 +542,8 @@ def _check_numbers(config: Config) -> None:
             raise ConfigError(f"{name} {getattr(config, name)}: must be positive")
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"--workers {config.workers}: must be 1 to 64")
+    if config.relay_connections < 1:
+        raise ConfigError(f"--relay-connections {config.relay_connections}: must be positive")
     if config.size_limit < 1024:
         raise ConfigError(f"size_limit {config.size_limit}: too small")
 

@@ -343,7 +343,8 @@ class Delivery:
         self.throttle_script = throttle_script
         self.timeout = timeout
 
-    async def deliver(self, submission: Submission) -> str:
+    async def deliver(self, submission: Submission, target: Target | None = None) -> str:
+        """Through `target` if given (a relay transaction), else the configured one."""
         if self.throttle_script:
             env = environment(launcher_environment(submission.client), drop=LAUNCHER_VARIABLES)
             result = await run_program(
@@ -360,4 +361,4 @@ class Delivery:
                     result.describe(),
                 )
                 return THROTTLED
-        return await self.target.deliver(submission)
+        return await (target or self.target).deliver(submission)

@@ -240,6 +240,8 @@ class Daemon:
         accepting = [asyncio.create_task(self.accept_loop(s)) for s in self.sockets]
         names = ", ".join(str(s.getsockname()[:2]) for s in self.sockets)
         log.info("ofmipd ready on %s as %s", names, self.app.hostname)
+        if self.app.relay is not None:  # says now whether the MTA answers, and warms the pool
+            probe = asyncio.create_task(self.app.relay.probe())
         await self.stopping.wait()
         for task in accepting:
             task.cancel()
@@ -251,6 +253,9 @@ class Daemon:
         await self.drain(GRACE_SECONDS)
         for server in list(self.sessions):
             server.say_goodbye("421 4.3.2 Service shutting down, try again later")
+        if self.app.relay is not None:
+            probe.cancel()
+            self.app.relay.close()
         log.info("stopped")
 
 

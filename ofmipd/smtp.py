@@ -41,6 +41,7 @@ from ofmipd.replies import REPLY_INTERNAL, REPLY_NEED_AUTH, REPLY_NEED_TLS, rewr
 
 if TYPE_CHECKING:
     from ofmipd.app import App
+    from ofmipd.relay import Transaction
 
 log = logging.getLogger("ofmipd.smtp")
 
@@ -106,6 +107,7 @@ class SubmissionProtocol(SMTP):
         self.tls_established = False  # a TLS handshake has completed (implicit or STARTTLS)
         self.busy = False
         self.draining = False
+        self.relay_transaction: Transaction | None = None  # --relay: open downstream
         self._init_aiosmtpd(app, implicit_tls)
         self.ended: asyncio.Future[None] = self.loop.create_future()  # the end line is out
         self.timer = IdleTimer(
@@ -258,7 +260,18 @@ class SubmissionProtocol(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def _set_post_data_state(self) -> None:
+        """Every end of a transaction (RSET, EHLO, HELO, after DATA) ends the relay's too."""
+        self.end_relay_transaction()
+        super()._set_post_data_state()
+
+    def end_relay_transaction(self) -> None:
+        transaction, self.relay_transaction = self.relay_transaction, None
+        if transaction is not None:
+            transaction.abort()
+
     def connection_lost(self, error: Exception | None) -> None:
+        self.end_relay_transaction()
         if self.ended.done():  # called already (smtp_STARTTLS does, after a failed handshake)
             return
         try:
@@ -585,9 +598,23 @@ class SubmissionHandler:
                 printable(address),
             )
             return f"553 5.7.1 <{address}>: Sender address not owned by user {session.user}"
+        if self.app.relay is not None:
+            from ofmipd.relay import Identity
+
+            # The name as the Received header gives it (the lookup is cached for DATA).
+            client = server.client.with_changes(hostname=await server.reverse_name())
+            identity = Identity(
+                client, session.host_name, session.user, bool(session.extended_smtp)
+            )
+            reply, transaction = await self.app.relay.begin(identity, address, mail_options)
+            if transaction is None:
+                return reply
+            server.relay_transaction = transaction
+        else:
+            reply = "250 2.1.0 Sender OK"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 Sender OK"
+        return reply
 
     async def handle_RCPT(
         self,
@@ -599,9 +626,14 @@ class SubmissionHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.app.config.max_recipients:
             return "452 4.5.3 Too many recipients"
+        reply = "250 2.1.5 Recipient OK"
+        if server.relay_transaction is not None:
+            reply = await server.relay_transaction.rcpt(address)  # the downstream's verdict
+            if not reply.startswith("2"):
+                return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 Recipient OK"
+        return reply
 
     async def handle_DATA(
         self,
@@ -657,7 +689,11 @@ class SubmissionHandler:
             user=session.user,
             client=server.client,
         )
-        reply = await self.app.delivery.deliver(submission)
+        transaction = server.relay_transaction
+        if transaction is not None:
+            reply = await self.app.delivery.deliver(submission, transaction)
+        else:
+            reply = await self.app.delivery.deliver(submission)
         self.app.metrics.delivery(reply)
         log.info(
             "session %s: message %s from=<%s> rcpts=%d size=%d user=%s result=%s",

@@ -1,0 +1,149 @@
+"""A private real Postfix for the relay tests: the downstream MTA behind `--relay`.
+
+Like bench/postfix.py (own config_directory, queue_directory and data_directory, no
+chroot, the discard transport after cleanup has fsynced the queue file) but without
+SASL: its smtpd on a free loopback port trusts 127.0.0.1 for XCLIENT and XFORWARD,
+logs to `maillog` in its directory (postlogd), and refuses any recipient listed in
+`refused` (a texthash map) at RCPT time, so downstream replies can be tested.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bench.postfix import INTERNAL, POSTFIX, _run
+
+REFUSED_REPLY = "550 5.1.1 no such user here"
+
+
+class Postfix:
+    """start(), stop() (safe twice), restart(); maillog() reads its log."""
+
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        refused: tuple[str, ...] = (),
+        identity: bool = True,
+        smtps_port: int | None = None,
+        extra_master: str = "",
+    ) -> None:
+        """With `smtps_port`, STARTTLS on `port` and implicit TLS there, with a certificate
+        for "localhost" (self.cert) that a client may trust through SSL_CERT_FILE."""
+        self.root = root
+        self.port = port
+        self.smtps_port = smtps_port
+        self.etc = root / "etc"
+        self.running = False
+        for sub in ("etc", "spool", "data"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o755)  # postfix's unprivileged daemons must reach their dirs
+        (self.etc / "refused").write_text("".join(f"{r} {REFUSED_REPLY}\n" for r in refused))
+        tls = ""
+        if smtps_port is not None:
+            from tests.tls_support import make_certificate
+
+            self.cert, key = make_certificate(root, "localhost")
+            tls = (
+                f"smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {self.cert}\n"
+                f"smtpd_tls_key_file = {key}\nsmtpd_tls_loglevel = 1\n"
+            )
+        (self.etc / "main.cf").write_text(
+            tls
+            + f"""compatibility_level = 3.6
+config_directory = {self.etc}
+queue_directory = {root}/spool
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.test
+mydomain = test
+myorigin = $myhostname
+mydestination =
+relayhost =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+default_transport = discard:test
+local_transport = discard:test
+relay_transport = discard:test
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+smtpd_banner = $myhostname ESMTP Postfix
+smtpd_authorized_xclient_hosts = {"127.0.0.1" if identity else ""}
+smtpd_authorized_xforward_hosts = {"127.0.0.1" if identity else ""}
+smtpd_relay_restrictions = check_recipient_access texthash:{self.etc}/refused,
+    permit_mynetworks, reject
+smtpd_recipient_restrictions =
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtpd_peername_lookup = no
+biff = no
+alias_maps =
+alias_database =
+"""
+        )
+        smtps = ""
+        if smtps_port is not None:
+            smtps = (
+                f"127.0.0.1:{smtps_port} inet n - n - - smtpd\n"
+                "  -o syslog_name=postfix-test/smtps -o smtpd_tls_wrappermode=yes\n"
+            )
+        (self.etc / "master.cf").write_text(
+            f"127.0.0.1:{port} inet n - n - - smtpd\n"
+            "  -o syslog_name=postfix-test/downstream\n" + smtps + extra_master + INTERNAL
+        )
+        shutil.copy("/etc/postfix/dynamicmaps.cf", self.etc / "dynamicmaps.cf")
+        _run([POSTFIX, "-c", str(self.etc), "set-permissions"])
+        _run([POSTFIX, "-c", str(self.etc), "check"])
+
+    def start(self) -> None:
+        _run([POSTFIX, "-c", str(self.etc), "start"])
+        self.running = True
+        deadline = time.monotonic() + 30
+        while not self._listening():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postfix did not listen on {self.port}")
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        self.running = False
+        try:
+            _run([POSTFIX, "-c", str(self.etc), "stop"])
+        except (RuntimeError, subprocess.TimeoutExpired):
+            pid_file = self.root / "spool" / "pid" / "master.pid"
+            try:
+                os.kill(int(pid_file.read_text().split()[0]), 9)
+            except (OSError, ValueError, IndexError):
+                pass
+
+    def maillog(self) -> str:
+        try:
+            return (self.root / "maillog").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 15) -> list[str]:
+        """The log lines matching `pattern` once there are `count` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.maillog().splitlines() if re.search(pattern, line)]
+            if len(lines) >= count or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
