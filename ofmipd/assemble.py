@@ -43,7 +43,8 @@ def build_delivery(config: Config, hostname: str) -> Delivery:
     target: Target
     if config.injector_exits and (config.maildir or config.relay):
         # a Maildir or a relay has no exit status: the setting would do nothing
-        raise ConfigError("--injector-exits applies to --sendmail, not to --maildir or --relay")
+        other = "--maildir" if config.maildir else "--relay"
+        raise ConfigError(f"--injector-exits applies to --sendmail, not to {other}")
     if config.relay:
         from ofmipd.relay import Relay, parse_url, read_login
 

@@ -250,10 +250,11 @@ def test_unknown_profile_is_one_line_exit_2(tmp_path, where):
     assert "Traceback" not in err
 
 
-def test_a_profile_with_maildir_is_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize("other", ["--maildir", "--relay"])
+def test_a_profile_with_maildir_or_relay_is_one_line_exit_2(tmp_path, other):
     users = authfile(tmp_path, f"alice:{PASSWORD}\n")
-    maildir = str(tmp_path / "Maildir")
-    result = check_config("-a", str(users), "--maildir", maildir, "--injector-exits", "qmail")
+    value = str(tmp_path / "Maildir") if other == "--maildir" else "smtp://127.0.0.1:1"
+    result = check_config("-a", str(users), other, value, "--injector-exits", "qmail")
     err = result.stderr.decode()
     assert result.returncode == 2, err
-    assert err.strip() == "ofmipd: --injector-exits applies to --sendmail, not to --maildir"
+    assert err.strip() == f"ofmipd: --injector-exits applies to --sendmail, not to {other}"
