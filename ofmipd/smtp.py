@@ -100,7 +100,8 @@ class SubmissionProtocol(SMTP):
         self.last_user: str | None = None
         self.last_backend: str | None = None
         self._plain_replies = False
-        self.errors = 0
+        self.errors = 0  # the client's, as Postfix's smtpd_hard_error_limit counts them
+        self.our_fault = False  # the next reply is 4xx for our injector's failure, not theirs
         self.counted = False
         self.result: str | None = None
         self.error: str | None = None  # why a connection failed before its session began
@@ -341,7 +342,8 @@ class SubmissionProtocol(SMTP):
             log.debug("session %s << %s", self.session_id, status)
         await super().push(status)
         code = status[:1] if isinstance(status, str) else ""
-        if code in ("4", "5") and not status.startswith("421"):
+        our_fault, self.our_fault = self.our_fault, False
+        if code in ("4", "5") and not status.startswith("421") and not our_fault:
             self.errors += 1
             if self.errors >= self.app.config.max_errors:
                 log.warning(
@@ -707,6 +709,9 @@ class SubmissionHandler:
         )
         if reply.startswith("250"):
             server.messages += 1
+            server.errors = 0  # Postfix's limit counts errors "without delivering mail"
+        else:
+            server.our_fault = reply.startswith("4")  # the injector failed, not the client
         return reply
 
     async def handle_exception(self, error: Exception) -> str:

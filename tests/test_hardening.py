@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import free_port
-from tests.ofmipd_server import Daemon, captured_messages, start_daemon
+from tests.ofmipd_server import PROGS, Daemon, captured_messages, start_daemon
 
 PASSWORD = "Hard-Pass-5"
 PLAIN = base64.b64encode(f"\0gina\0{PASSWORD}".encode())
@@ -149,6 +149,32 @@ def test_error_limit_closes_with_421(tmp_path, users, capture):
         assert raw.reply().startswith(b"530")
         assert raw.reply().startswith(b"421 4.7.0")
         assert raw.closed()
+    finally:
+        daemon.stop()
+
+
+def test_our_injector_failing_is_not_the_clients_error(tmp_path, users):
+    """Our injector's 451s never count toward --max-errors; a delivered message resets
+    the count (Postfix: errors "without delivering mail"). Otherwise a user whose client
+    retries through a broken injector, or makes a few typos a day on one long connection,
+    is cut off for our fault."""
+    daemon = start(tmp_path, users, tmp_path, "--max-errors", "3",
+                   "--sendmail", str(PROGS / "exit-sendmail"))  # fmt: skip
+    try:
+        with smtplib.SMTP(daemon.host, daemon.port, timeout=20) as s:
+            s.login("gina", PASSWORD)
+            for _ in range(5):  # five 451s from the injector: the session lives on
+                with pytest.raises(smtplib.SMTPDataError) as refused:
+                    s.sendmail("gina@example.org", ["exit-75@example.net"], b"\r\nx\r\n")
+                assert refused.value.smtp_code == 451
+            for _ in range(3):  # 2 client errors, a delivery, 2 more: never 3 in a row
+                assert s.rcpt("no-mail@example.net")[0] == 503
+                assert s.rcpt("no-mail@example.net")[0] == 503
+                s.sendmail("gina@example.org", ["ok@example.net"], b"\r\nx\r\n")
+            assert s.noop()[0] == 250
+            for _ in range(3):  # three in a row: the limit, so the third 503 comes with 421
+                assert s.rcpt("no-mail@example.net")[0] == 503
+            assert s.noop()[0] == 421  # the 421 that followed the third 503
     finally:
         daemon.stop()
 
