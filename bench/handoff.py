@@ -18,7 +18,9 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench import load, scaling, systems
@@ -26,6 +28,7 @@ from bench.systems import PYTHON, Processes, Running, Workspace
 from tests.postfix_server import Postfix
 
 TICK = os.sysconf("SC_CLK_TCK")
+RESULTS = Path(__file__).with_name("handoff-results.json")
 
 
 def own_and_children_cpu(pid: int) -> tuple[float, float]:
@@ -119,15 +122,23 @@ def main() -> int:
     def median(path: str, key: str) -> float:
         return statistics.median(r[key] for r in rows if r["path"] == path)
 
+    def paired(a: str, b: str) -> float:
+        """The median of the ratios within each round: the paths ran side by side."""
+        rates = {path: [r["rate"] for r in rows if r["path"] == path] for path in (a, b)}
+        return round(statistics.median(x / y for x, y in zip(rates[a], rates[b], strict=True)), 2)
+
     summary: dict[str, object] = {
         path: {k: median(path, k) for k in ("rate", "ofmipd_cpu_ms", "postfix_cpu_ms")
                if all(k in r for r in rows if r["path"] == path)}
         for path in ("relay", "sendmail", "maildir", "postfix-dovecot")
     }  # fmt: skip
-    summary["relay/sendmail"] = round(median("relay", "rate") / median("sendmail", "rate"), 2)
-    summary["relay/postfix-dovecot"] = round(
-        median("relay", "rate") / median("postfix-dovecot", "rate"), 2
-    )
+    summary["relay/sendmail"] = paired("relay", "sendmail")
+    summary["relay/postfix-dovecot"] = paired("relay", "postfix-dovecot")
+    command = " ".join(["python -m bench.handoff", *sys.argv[1:]])
+    record = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "sessions": args.sessions, "concurrency": args.concurrency, "runs": rows,
+              "medians": summary}  # fmt: skip
+    RESULTS.write_text(json.dumps(record, indent=1) + "\n")  # BENCHMARKS.md renders it
     print(json.dumps(summary, indent=2))
     return 0
 

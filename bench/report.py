@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -194,6 +195,7 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
             "For the tcpserver rows the ratio column compares with ofmipd -1; for Postfix, "
             "which uses every core, with ofmipd --workers 2.", ""]  # fmt: skip
     out += side_sections(side)
+    out += handoff_section()
     out += [
         "## How to reproduce",
         "",
@@ -202,6 +204,7 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
         "    .venv/bin/python -m bench.profile    # py-spy summary of ofmipd's event loop",
         "    .venv/bin/python -m bench.wakeup     # the loop wake-up costs above, alone",
         "    .venv/bin/python -m bench --render   # this file again from bench/results.json",
+        "    .venv/bin/python -m bench.handoff    # bench/handoff-results.json, then --render",
         "",
         "The bench compiles ofmipd's bytecode first, as pip does on install. Every ofmipd "
         "daemon here gets `--config` with `max_per_ip = 100000`: all load comes from "
@@ -216,6 +219,47 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
     ]
     md.write_text("\n".join(out) + "\n")
     chart(data, png)
+
+
+def handoff_section() -> list[str]:
+    """Issue 14's hand-off to a real Postfix, from `python -m bench.handoff`'s own run."""
+    path = ROOT / "bench" / "handoff-results.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    medians, runs = data["medians"], data["runs"]
+    rounds = sum(1 for r in runs if r["path"] == "relay")
+    out = ["## Hand-off to Postfix (issue 14)", "",
+           f"Measured by `{data['command']}` ({data['date']}): {rounds} interleaved rounds "
+           f"of {data['sessions']} sessions at C={data['concurrency']}, one 4 KB message per "
+           "AUTH PLAIN session, no TLS. One private Postfix (XCLIENT allowed, queue file "
+           "fsynced, then discarded) receives from ofmipd --relay over SMTP and from ofmipd "
+           "--sendmail through its own sendmail (postdrop, pickup); Postfix+Dovecot serves "
+           "submission alone. CPU per message is split into ofmipd's share and Postfix's "
+           "(the sendmail and postdrop processes ofmipd forks count as Postfix's).", "",
+           "| path | messages/s | ofmipd CPU ms/msg | Postfix CPU ms/msg |",
+           "|---|---|---|---|"]  # fmt: skip
+    names = {
+        "relay": "ofmipd --relay",
+        "sendmail": "ofmipd --sendmail (Postfix's)",
+        "maildir": "ofmipd --maildir (no Postfix)",
+        "postfix-dovecot": "Postfix+Dovecot",
+    }
+    for key, name in names.items():
+        row = medians[key]
+        own = f"{row['ofmipd_cpu_ms']:.2f}" if "ofmipd_cpu_ms" in row else "–"
+        out.append(f"| {name} | {row['rate']:.0f} | {own} | {row['postfix_cpu_ms']:.2f} |")
+    relay_cpu, maildir_cpu = medians["relay"]["ofmipd_cpu_ms"], medians["maildir"]["ofmipd_cpu_ms"]
+    checks = [
+        ("relay ÷ sendmail ≥ 1.8", medians["relay/sendmail"], medians["relay/sendmail"] >= 1.8),
+        ("relay ÷ Postfix+Dovecot ≥ 0.45", medians["relay/postfix-dovecot"],
+         medians["relay/postfix-dovecot"] >= 0.45),
+        ("ofmipd's CPU per message, relay ÷ Maildir < 1", relay_cpu / maildir_cpu,
+         relay_cpu < maildir_cpu),
+    ]  # fmt: skip
+    out += ["", "| target | measured | met |", "|---|---|---|"]
+    out += [f"| {text} | {value:.2f} | {'yes' if ok else '**no**'} |" for text, value, ok in checks]
+    return [*out, ""]
 
 
 def targets(data: dict[str, Any], rate: Any) -> list[str]:
