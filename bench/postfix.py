@@ -41,6 +41,32 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+def private_main_cf(etc: Path, root: Path, name: str) -> str:
+    """main.cf's first part for a private Postfix: its own directories under `root`,
+    loopback only, logging to `root/maillog`, every message discarded once queued."""
+    return f"""compatibility_level = 3.6
+config_directory = {etc}
+queue_directory = {root}/spool
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.{name}
+mydomain = {name}
+myorigin = $myhostname
+mydestination =
+relayhost =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+default_transport = discard:{name}
+local_transport = discard:{name}
+relay_transport = discard:{name}
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+smtpd_banner = $myhostname ESMTP Postfix
+"""
+
+
 def _run(argv: list[str]) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
@@ -97,27 +123,8 @@ service auth {{
 """
         )
         (self.etc / "main.cf").write_text(
-            f"""compatibility_level = 3.6
-config_directory = {self.etc}
-queue_directory = {root}/spool
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.bench
-mydomain = bench
-myorigin = $myhostname
-mydestination =
-relayhost =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-default_transport = discard:benchmark
-local_transport = discard:benchmark
-relay_transport = discard:benchmark
-maillog_file = {root}/maillog
-maillog_file_prefixes = {root}
-smtpd_banner = $myhostname ESMTP Postfix
-smtpd_sasl_auth_enable = yes
+            private_main_cf(self.etc, root, "bench")
+            + f"""smtpd_sasl_auth_enable = yes
 smtpd_sasl_type = dovecot
 smtpd_sasl_path = {self.auth_socket}
 smtpd_sasl_security_options = noanonymous

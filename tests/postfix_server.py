@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.postfix import INTERNAL, POSTFIX, _run
+from bench.postfix import INTERNAL, POSTFIX, _run, private_main_cf
 
 REFUSED_REPLY = "550 5.1.1 no such user here"
 
@@ -55,27 +55,8 @@ class Postfix:
             )
         (self.etc / "main.cf").write_text(
             tls
-            + f"""compatibility_level = 3.6
-config_directory = {self.etc}
-queue_directory = {root}/spool
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix.test
-mydomain = test
-myorigin = $myhostname
-mydestination =
-relayhost =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-default_transport = discard:test
-local_transport = discard:test
-relay_transport = discard:test
-maillog_file = {root}/maillog
-maillog_file_prefixes = {root}
-smtpd_banner = $myhostname ESMTP Postfix
-smtpd_authorized_xclient_hosts = {"127.0.0.1" if identity else ""}
+            + private_main_cf(self.etc, root, "test")
+            + f"""smtpd_authorized_xclient_hosts = {"127.0.0.1" if identity else ""}
 smtpd_authorized_xforward_hosts = {"127.0.0.1" if identity else ""}
 smtpd_relay_restrictions = check_recipient_access texthash:{self.etc}/refused,
     permit_mynetworks, reject
