@@ -49,7 +49,9 @@ _SYSEXITS = {code: _REFUSED for code in range(64, 79)} | {
 INJECTOR_EXITS: dict[str, dict[int, str]] = {
     "sysexits": _SYSEXITS,
     "qmail": {100: _REFUSED, 111: INJECTOR_FAILED},  # qmail-inject: 100 permanent, 111 not
-    "msmtp": _SYSEXITS | {69: INJECTOR_FAILED},  # msmtp: 69 for its server's 4xx to RCPT, too
+    # msmtp exits 69 for its server's 4xx to RCPT too, and 68 when it cannot resolve its own
+    # server (a DNS outage or a typo in its configuration, not a bad recipient).
+    "msmtp": _SYSEXITS | {68: INJECTOR_FAILED, 69: INJECTOR_FAILED},
     "tempfail": {},  # every failure is 451, as before --injector-exits
 }
 STDERR_LINES = 3  # of the injector's stderr, into the log line for that message

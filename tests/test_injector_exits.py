@@ -36,7 +36,7 @@ SYSEXITS = {code: (554, "5.3.0") for code in range(64, 79)} | {
 PROFILES = {
     "sysexits": SYSEXITS,
     "qmail": {100: (554, "5.3.0"), 111: TEMP},
-    "msmtp": SYSEXITS | {69: TEMP},
+    "msmtp": SYSEXITS | {68: TEMP, 69: TEMP},
     "tempfail": {},
 }
 # Every listed code, and some that no profile lists (1, 2, 99, 112, 255).
@@ -209,6 +209,20 @@ def test_msmtp_refusals_through_the_msmtp_profile(tmp_path, profile):
     log = daemon.log_text()
     assert "exit 65;" in log and "exit 69;" in log
     assert "stderr: msmtp: recipient address temp@example.net not accepted by the server" in log
+
+
+def test_msmtp_that_cannot_resolve_its_server_is_temporary(tmp_path):
+    """msmtp exits 68 when its own server's name does not resolve: the message is fine."""
+    msmtp = "/usr/bin/msmtp --host=no-such-host.invalid --port=25"
+    daemon = start(tmp_path, "--sendmail", msmtp, "--injector-exits", "msmtp", timeout="20")
+    try:
+        with smtplib.SMTP(daemon.host, daemon.port, timeout=30) as s:
+            s.login("alice", PASSWORD)
+            assert send(s, "bob@example.net")[:2] == TEMP
+    finally:
+        daemon.stop()
+    assert "exit 68;" in daemon.log_text()
+    assert "cannot locate host no-such-host.invalid" in daemon.log_text()
 
 
 def check_config(*args: str) -> subprocess.CompletedProcess[bytes]:
