@@ -4,10 +4,12 @@ fails before its end (client gone, too big, forged header From) is never queued.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import shutil
 import smtplib
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -267,3 +269,96 @@ def test_received_and_fix_ups_arrive_downstream_as_with_sendmail(
     untouched = kept(postfix, queue_id(second), "complete@kept.test")
     assert untouched.endswith(complete.replace(b"\r\n", b"\n"))
     assert f"size={len(FROM) + 16 + len(fields) + 17} " in daemon.log_text()
+
+
+# ---- a downstream that stops reading: in-process, with a sink that can be told to -------
+
+
+class StalledSink:
+    """An SMTP server that answers until DATA's 354, then reads nothing more: its socket's
+    small receive buffer fills and ofmipd's writes wait."""
+
+    def __init__(self) -> None:
+        self.received = b""  # what it read after the 354
+        self.closed = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line.split()[0].upper() if line.split() else b""
+            if verb == b"EHLO":
+                writer.write(b"250-sink\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+        await asyncio.sleep(3)  # stalled: longer than the DATA timeout below
+        self.received = await reader.read()  # then everything ofmipd sent, to its close
+        self.closed.set()
+        writer.close()
+
+
+@pytest.mark.slow  # the stall outlasts the DATA timeout: 3 s
+def test_a_downstream_that_stops_reading_slows_the_client_then_fails_the_message_451(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ofmipd import cli, connection, relay
+    from ofmipd.assemble import build_app
+    from ofmipd.smtp import SubmissionProtocol
+
+    monkeypatch.setattr(relay, "DATA_TIMEOUT", 1.0)  # the sink stalls for 3 s
+    sink = StalledSink()
+    downstream = socket.create_server(("127.0.0.1", 0))
+    downstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # for accepted sockets
+    users = authfile(tmp_path, "alice:secret\n")
+    relay_url = f"smtp://127.0.0.1:{downstream.getsockname()[1]}"
+    args = cli.build_parser().parse_args(
+        ["-a", str(users), "--relay", relay_url, "--relay-tls", "none", "--no-reverse-dns"]
+    )
+    app = build_app(cli.config_from_args(args))
+    body = big_body(8_000_000)
+
+    def client(port: int) -> tuple[tuple[int, bytes], float]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            assert smtp.sock is not None
+            smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+            smtp.login("alice", "secret")
+            smtp.mail("alice@example.com")
+            smtp.rcpt("bob@example.org")
+            smtp.putcmd("data")
+            assert smtp.getreply()[0] == 354
+            started = time.monotonic()
+            smtp.send(b"Subject: stalled\r\n\r\n" + on_the_wire(body) + b".\r\n")
+            sending = time.monotonic() - started  # how long the client was held up
+            return smtp.getreply(), sending
+
+    async def main() -> tuple[tuple[int, bytes], float]:
+        loop = asyncio.get_running_loop()
+        downstream.setblocking(False)
+        sinking = await asyncio.start_server(sink.handle, sock=downstream)
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # kernel buffers
+        listener.setblocking(False)  # small both ways: what waits is ofmipd
+        talking = asyncio.create_task(asyncio.to_thread(client, listener.getsockname()[1]))
+        conn, _ = await loop.sock_accept(listener)
+        server = SubmissionProtocol(app, connection.socket_client(app, conn))
+        serving = asyncio.create_task(connection.serve(server, conn))
+        try:
+            result = await talking
+            await asyncio.wait_for(sink.closed.wait(), 10)
+            return result
+        finally:
+            await serving
+            listener.close()
+            sinking.close()
+
+    (code, reply), sending = asyncio.run(main())
+    assert (code, reply) == (451, b"4.4.0 Relay to the mail system failed, try again later")
+    # Back-pressure: ofmipd stopped reading the client while the downstream did not read
+    # (buffering the message instead, it would have taken it all at once).
+    assert sending >= 0.9 * relay.DATA_TIMEOUT
+    # Only part of the message went down, and never its end: the sink can queue nothing.
+    assert 0 < len(sink.received) < len(body) // 2
+    assert not sink.received.endswith(b"\r\n.\r\n")
