@@ -481,7 +481,7 @@ class Transaction:
             self._fail("DATA", error)
             return DOWNSTREAM_FAILED
         if reply.code != 354:
-            self.abort()
+            self.discard() if reply.code == 421 else self.abort()  # 421: it is closing
             return _for_client(reply)
         conn.in_flight = True  # so the pool closes it rather than reuse it mid-message
         return None

@@ -31,6 +31,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("ofmipd.relay")
 
 
+async def begin_message(server: SubmissionProtocol, transaction: Transaction) -> str | None:
+    """DATA downstream, before the client's 354: None if the MTA will take the message,
+    else its reply for the client, logged and counted as a delivery that failed."""
+    refusal = await transaction.open_data()
+    if refusal is not None:
+        submission = _submission(server)
+        log.info("%s: relay %s: %s", submission.queue_id, transaction.relay.describe(), refusal)
+        server.event_handler.delivered(server, submission, 0, refusal)
+    return refusal
+
+
+def _submission(server: SubmissionProtocol) -> Submission:
+    envelope = server.envelope
+    assert envelope is not None
+    return Submission(
+        queue_id=new_queue_id(),
+        sender=envelope.mail_from or "",
+        recipients=tuple(envelope.rcpt_tos),
+        content=b"",  # never held whole
+        user=server.session_state.user,
+        client=server.client,
+    )
+
+
 async def relay_message(
     server: SubmissionProtocol, transaction: Transaction, message: MessageReader
 ) -> str:
@@ -48,16 +72,7 @@ async def _relay(
 ) -> str:
     handler = server.event_handler
     session = server.session_state
-    envelope = server.envelope
-    assert envelope is not None
-    submission = Submission(
-        queue_id=new_queue_id(),
-        sender=envelope.mail_from or "",
-        recipients=tuple(envelope.rcpt_tos),
-        content=b"",  # never held whole
-        user=session.user,
-        client=server.client,
-    )
+    submission = _submission(server)
     held: list[bytes] | None = []  # the header section while it is held, then None
     size = 0  # the message as read, for the log line
     refused: str | None = None  # --check-header-from's reply

@@ -410,7 +410,9 @@ class SubmissionProtocol(SMTP):
             self._reset_timeout(self.app.config.data_timeout)
         transaction = self.relay_transaction
         if transaction is not None:  # DATA goes down first: the client's 354 is the MTA's
-            refusal = await transaction.open_data()
+            from ofmipd.relay_stream import begin_message, relay_message
+
+            refusal = await begin_message(self, transaction)
             if refusal is not None:
                 self._set_post_data_state()
                 await self.push(refusal)
@@ -424,8 +426,6 @@ class SubmissionProtocol(SMTP):
         )
         try:
             if transaction is not None:
-                from ofmipd.relay_stream import relay_message
-
                 status = await relay_message(self, transaction, message)
             else:
                 content = await message.joined()
