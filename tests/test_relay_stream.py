@@ -233,6 +233,36 @@ def test_forged_header_from_is_550_and_nothing_goes_down(tmp_path: Path, postfix
     assert "may not use header From/Sender boss@example.org" in daemon.log_text()
 
 
+def test_a_throttle_refusal_drops_the_message_before_its_end(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    # The throttle script runs once the message is in, before the final dot goes down.
+    from tests.ofmipd_server import PROGS
+
+    lost = lost_count(postfix)
+    users = authfile(tmp_path, "alice:secret\nbob:secret\n")
+    port = free_port()
+    args = ["-p", f"127.0.0.1:{port}", "-a", str(users), "-L", "-t", str(PROGS / "throttle"),
+            "--relay", f"smtp://127.0.0.1:{postfix.port}"]  # fmt: skip
+    with Daemon(args, port, tmp_path, env=server_env(THROTTLE_DENY="alice")) as daemon:
+        smtp = login(daemon)
+        smtp.mail("alice@example.com")
+        assert smtp.rcpt("throttled@example.org")[0] == 250
+        code, reply = smtp.data(b"Subject: t\r\n\r\nbody\r\n")
+        smtp.quit()
+        assert (code, reply[:5]) == (450, b"4.7.1")
+        assert len(postfix.wait_for_log(LOST, count=lost + 1)) == lost + 1
+        smtp = smtplib.SMTP(daemon.host, daemon.port, timeout=60)
+        smtp.login("bob", "secret")
+        assert (
+            smtp.sendmail("bob@example.com", ["free@example.org"], FROM + b"\r\nb\r\n") == {}
+        )
+        smtp.quit()
+    assert postfix.wait_for_log(r"to=<free@example.org>.*status=sent")
+    assert "throttled@example.org" not in postfix.maillog()
+    assert "result=450" in daemon.log_text()
+
+
 def test_received_and_fix_ups_arrive_downstream_as_with_sendmail(
     tmp_path: Path, postfix: Postfix
 ) -> None:
