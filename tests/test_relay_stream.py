@@ -254,9 +254,7 @@ def test_a_throttle_refusal_drops_the_message_before_its_end(
         assert len(postfix.wait_for_log(LOST, count=lost + 1)) == lost + 1
         smtp = smtplib.SMTP(daemon.host, daemon.port, timeout=60)
         smtp.login("bob", "secret")
-        assert (
-            smtp.sendmail("bob@example.com", ["free@example.org"], FROM + b"\r\nb\r\n") == {}
-        )
+        assert smtp.sendmail("bob@example.com", ["free@example.org"], FROM + b"\r\nb\r\n") == {}
         smtp.quit()
     assert postfix.wait_for_log(r"to=<free@example.org>.*status=sent")
     assert "throttled@example.org" not in postfix.maillog()
