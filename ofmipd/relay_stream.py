@@ -8,7 +8,8 @@ it is read, at the downstream's pace (a slow MTA slows the client, it does not f
 memory). The rules of the message itself (end marker, dots, bare newlines, limits) are
 data.py's, the same as for the other targets.
 
-Whatever stops the message before its end (too big, a refused header, a downstream
+The throttle script runs once the whole message is in, before the final dot. Whatever
+stops the message before its end (too big, a refused header, the throttle, a downstream
 failure, the client gone) closes the downstream connection without the final dot, so
 the MTA throws the partial message away. The rest of the client's message is still
 read, and the client hears 250 only after the downstream's reply to the dot.
