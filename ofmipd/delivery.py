@@ -345,22 +345,27 @@ class Delivery:
         self.throttle_script = throttle_script
         self.timeout = timeout
 
-    async def deliver(self, submission: Submission, target: Target | None = None) -> str:
-        """Through `target` if given (a relay transaction), else the configured one."""
-        if self.throttle_script:
-            env = environment(launcher_environment(submission.client), drop=LAUNCHER_VARIABLES)
-            result = await run_program(
-                [self.throttle_script, submission.user or ""],
-                stdin=None,
-                env=env,
-                timeout=self.timeout,
-            )
-            if result.exit_code != 0:
-                log.info(
-                    "%s: throttle script refused user %s (%s)",
-                    submission.queue_id,
-                    printable(submission.user or "-"),
-                    result.describe(),
-                )
-                return THROTTLED
-        return await (target or self.target).deliver(submission)
+    async def deliver(self, submission: Submission) -> str:
+        return await self.throttle(submission) or await self.target.deliver(submission)
+
+    async def throttle(self, submission: Submission) -> str | None:
+        """THROTTLED if the throttle script refuses the user, else None. --relay calls
+        this alone, before the final dot of a message it is streaming."""
+        if not self.throttle_script:
+            return None
+        env = environment(launcher_environment(submission.client), drop=LAUNCHER_VARIABLES)
+        result = await run_program(
+            [self.throttle_script, submission.user or ""],
+            stdin=None,
+            env=env,
+            timeout=self.timeout,
+        )
+        if result.exit_code == 0:
+            return None
+        log.info(
+            "%s: throttle script refused user %s (%s)",
+            submission.queue_id,
+            printable(submission.user or "-"),
+            result.describe(),
+        )
+        return THROTTLED

@@ -18,11 +18,13 @@ import re
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 
 
-def header_end(content: bytes) -> int:
+def header_end(content: bytes, continued: bool = False) -> int:
     """The offset where the header section ends: the empty line, or the first line that
-    is neither a field nor a continuation (len(content) if the header runs to the end)."""
+    is neither a field nor a continuation (len(content) if the header runs to the end).
+    `continued`: `content` follows lines of the header already read, so a continuation
+    line first is one of theirs."""
     position = 0
-    first = True
+    first = not continued
     while position < len(content):
         line_end = content.find(b"\r\n", position)
         line_end = len(content) if line_end < 0 else line_end + 2

@@ -2,10 +2,11 @@
 
 MAIL takes a connection from the pool and opens the transaction downstream; each RCPT is
 forwarded and the downstream's reply goes back to the client at RCPT time; the message
-goes down after DATA and the client hears 250 only after the downstream's 250. Any
-failure of the downstream inside a transaction is a 4xx to the client and the connection
-is closed; a transaction that ends any other way (RSET, a refused DATA, the client gone)
-leaves its connection marked dirty, and the pool sends RSET before it carries another.
+is streamed down while the client sends it (relay_stream.py) and the client hears 250
+only after the downstream's 250. Any failure of the downstream inside a transaction is a
+4xx to the client and the connection is closed, and so is one whose message was begun
+and not finished; a transaction that ends any other way (RSET, a refused DATA) leaves
+its connection marked dirty, and the pool sends RSET before it carries another.
 
 The client's identity goes down with XCLIENT (or XFORWARD) before each MAIL, outside
 any transaction, so the MTA logs the real client and login. A small SMTP client of its
@@ -103,9 +104,14 @@ def stuffed(content: bytes) -> bytes:
     """The DATA payload: dot-stuffed, ending in CRLF, then the end marker."""
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
-    if content.startswith(b"."):
-        content = b"." + content
-    return content.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    return stuff(content) + b".\r\n"
+
+
+def stuff(lines: bytes) -> bytes:
+    """Whole lines of a message, dot-stuffed: a line starting with "." gets another."""
+    if lines.startswith(b"."):
+        lines = b"." + lines
+    return lines.replace(b"\r\n.", b"\r\n..")
 
 
 class Connection:
@@ -440,7 +446,8 @@ def _for_client(reply: Reply) -> str:
 
 
 class Transaction:
-    """One open transaction downstream; it ends with data() (or deliver()) or abort()."""
+    """One open transaction downstream: open_data(), send() and end_data() carry its
+    message; abort() or discard() end it without one."""
 
     __slots__ = ("relay", "conn")
     name = "relay"
@@ -460,25 +467,52 @@ class Transaction:
             return DOWNSTREAM_FAILED
         return _for_client(reply)
 
-    async def data(self, content: bytes) -> str:
+    async def open_data(self) -> str | None:
+        """DATA downstream: None once it answered 354, else the reply for the client (and
+        the transaction is over). From here until end_data() the connection is mid-message:
+        whatever ends the transaction sooner closes it without the final dot, and the MTA
+        throws the partial message away."""
         conn = self.conn
         if conn is None:
             return DOWNSTREAM_FAILED
         try:
             reply = await conn.command("DATA")
-            if reply.code != 354:
-                self.abort()
-                return _for_client(reply)
-            conn.in_flight = True
-            conn.writer.write(stuffed(content))
-            started = time.monotonic()
         except RelayError as error:
             self._fail("DATA", error)
             return DOWNSTREAM_FAILED
+        if reply.code != 354:
+            self.discard() if reply.code == 421 else self.abort()  # 421: it is closing
+            return _for_client(reply)
+        conn.in_flight = True  # so the pool closes it rather than reuse it mid-message
+        return None
+
+    async def send(self, lines: bytes) -> bool:
+        """Whole lines of the message down, dot-stuffed; False if the downstream failed or
+        stopped reading for DATA_TIMEOUT (the transaction is then over). Waiting for it
+        to drain is what slows the client to the downstream's pace."""
+        conn = self.conn
+        if conn is None:
+            return False
         try:
+            conn.writer.write(stuff(lines))
+            async with asyncio.timeout(DATA_TIMEOUT):
+                await conn.writer.drain()
+        except (OSError, TimeoutError) as error:
+            self._fail("DATA", RelayError(str(error) or type(error).__name__))
+            return False
+        return True
+
+    async def end_data(self) -> str:
+        """The final dot; the downstream's reply to it, for the client."""
+        conn = self.conn
+        if conn is None:
+            return DOWNSTREAM_FAILED
+        started = time.monotonic()
+        try:
+            conn.writer.write(b".\r\n")
             reply = await conn.reply(DATA_TIMEOUT)
             conn.in_flight = False
-        except RelayError as error:
+        except (OSError, RelayError) as error:
             # RFC 1047's window: the MTA may have queued the message and gone before its
             # 250 reached us. 451 makes the client send it again (a possible duplicate);
             # a 250 could lose it. The admin is told which.
@@ -496,11 +530,22 @@ class Transaction:
         self.relay.release(conn, broken=reply.code == 421)
         return _for_client(reply)
 
-    async def deliver(self, submission: Submission) -> str:
-        """As a delivery Target: the message down, after the throttle script."""
-        reply = await self.data(submission.content)
-        log.info("%s: relay %s: %s", submission.queue_id, self.relay.describe(), reply)
-        return reply
+    async def data(self, content: bytes) -> str:
+        """The whole message down at once (the session streams it with send())."""
+        refusal = await self.open_data()
+        if refusal is not None:
+            return refusal
+        if not content.endswith(b"\r\n"):
+            content += b"\r\n"
+        if not await self.send(content):
+            return DOWNSTREAM_FAILED
+        return await self.end_data()
+
+    def discard(self) -> None:
+        """The message will not be sent whole: close the connection, without the dot."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            self.relay.release(conn, broken=True)
 
     def abort(self) -> None:
         """The client's transaction ended without a message: the pool RSETs it later."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, login_always_fail, syntax
 
 from ofmipd.auth import Decision
-from ofmipd.data import BareNewline, TooBig, TooLong, read_message
+from ofmipd.data import BareNewline, MessageReader, TooBig, TooLong
 from ofmipd.delivery import (
     Submission,
     new_queue_id,
@@ -408,14 +408,27 @@ class SubmissionProtocol(SMTP):
             return
         if self.session_state.authenticated or self.policy.relay:
             self._reset_timeout(self.app.config.data_timeout)
+        transaction = self.relay_transaction
+        if transaction is not None:  # DATA goes down first: the client's 354 is the MTA's
+            from ofmipd.relay_stream import begin_message, relay_message
+
+            refusal = await begin_message(self, transaction)
+            if refusal is not None:
+                self._set_post_data_state()
+                await self.push(refusal)
+                return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        message = MessageReader(
+            self._reader,
+            size_limit=self.app.config.size_limit,
+            line_limit=self.line_length_limit,
+            bare_newline=self.app.config.bare_newline,
+        )
         try:
-            content = await read_message(
-                self._reader,
-                size_limit=self.app.config.size_limit,
-                line_limit=self.line_length_limit,
-                bare_newline=self.app.config.bare_newline,
-            )
+            if transaction is not None:
+                status = await relay_message(self, transaction, message)
+            else:
+                content = await message.joined()
         except asyncio.CancelledError:  # the connection went away mid-message
             self._close()
             raise
@@ -441,8 +454,9 @@ class SubmissionProtocol(SMTP):
             # Postfix's smtpd_forbid_bare_newline = reject answers the same.
             await self.push(f"550 5.5.2 Error: bare {bare} received")
             return
-        envelope.content = envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
+        if transaction is None:
+            envelope.content = envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(status)
 
@@ -644,34 +658,68 @@ class SubmissionHandler:
         envelope: Envelope,
     ) -> str:
         content = envelope.original_content or b""
-        config = self.app.config
-        if config.check_header_from and session.user and self.app.senders is not None:
-            from ofmipd.header_from import forged_address
-
-            forged = forged_address(content, session.user, self.app.senders)
-            if forged is not None:
-                log.warning(
-                    "session %s: user %s may not use header From/Sender %s; message refused",
-                    server.session_id,
-                    printable(session.user),
-                    printable(forged),
-                )
-                return f"550 5.7.1 Header From or Sender not owned by user {session.user}"
+        refusal = self.header_refusal(server, session, content)
+        if refusal is not None:
+            return refusal
         queue_id = new_queue_id()
-        message = content
-        if session.authenticated and (config.add_message_id or config.add_date):
-            # RFC 6409 §8. Added after the size check: SIZE is what the client sends.
-            from ofmipd.fixups import fix_up
+        submission = Submission(
+            queue_id=queue_id,
+            sender=envelope.mail_from or "",
+            recipients=tuple(envelope.rcpt_tos),
+            content=await self.received(server, session, queue_id)
+            + self.fixed_up(server, session, content, queue_id),
+            user=session.user,
+            client=server.client,
+        )
+        reply = await self.app.delivery.deliver(submission)
+        self.delivered(server, submission, len(content), reply)
+        return reply
 
-            message = fix_up(
-                content,
-                hostname=server.hostname,
-                queue_id=queue_id,
-                add_message_id=config.add_message_id,
-                add_date=config.add_date,
-            )
+    # The steps of handle_DATA, which relay_stream.py takes too, in the same order.
+
+    def header_refusal(
+        self, server: SubmissionProtocol, session: SubmissionSession, content: bytes
+    ) -> str | None:
+        """--check-header-from's 550 for a forged header From/Sender, else None. Only the
+        header section of `content` is read."""
+        senders = self.app.senders
+        if not (self.app.config.check_header_from and session.user and senders is not None):
+            return None
+        from ofmipd.header_from import forged_address
+
+        forged = forged_address(content, session.user, senders)
+        if forged is None:
+            return None
+        log.warning(
+            "session %s: user %s may not use header From/Sender %s; message refused",
+            server.session_id,
+            printable(session.user),
+            printable(forged),
+        )
+        return f"550 5.7.1 Header From or Sender not owned by user {session.user}"
+
+    def fixed_up(
+        self, server: SubmissionProtocol, session: SubmissionSession, content: bytes, queue_id: str
+    ) -> bytes:
+        config = self.app.config
+        if not (session.authenticated and (config.add_message_id or config.add_date)):
+            return content
+        # RFC 6409 §8. Added after the size check: SIZE is what the client sends.
+        from ofmipd.fixups import fix_up
+
+        return fix_up(
+            content,
+            hostname=server.hostname,
+            queue_id=queue_id,
+            add_message_id=config.add_message_id,
+            add_date=config.add_date,
+        )
+
+    async def received(
+        self, server: SubmissionProtocol, session: SubmissionSession, queue_id: str
+    ) -> bytes:
         transport = server.transport
-        header = received_header(
+        return received_header(
             helo=session.host_name,
             client=server.client,
             reverse_name=await server.reverse_name(),
@@ -683,28 +731,20 @@ class SubmissionHandler:
             user=session.user,
             tls=tls_clause(transport.get_extra_info("ssl_object") if transport else None),
         )
-        submission = Submission(
-            queue_id=queue_id,
-            sender=envelope.mail_from or "",
-            recipients=tuple(envelope.rcpt_tos),
-            content=header + message,
-            user=session.user,
-            client=server.client,
-        )
-        transaction = server.relay_transaction
-        if transaction is not None:
-            reply = await self.app.delivery.deliver(submission, transaction)
-        else:
-            reply = await self.app.delivery.deliver(submission)
+
+    def delivered(
+        self, server: SubmissionProtocol, submission: Submission, size: int, reply: str
+    ) -> None:
+        """The message's log line, metrics and error count, once the target answered."""
         self.app.metrics.delivery(reply)
         log.info(
             "session %s: message %s from=<%s> rcpts=%d size=%d user=%s result=%s",
             server.session_id,
-            queue_id,
+            submission.queue_id,
             printable(submission.sender),
             len(submission.recipients),
-            len(content),
-            printable(session.user or "-"),
+            size,
+            printable(submission.user or "-"),
             reply[:3],
         )
         if reply.startswith("250"):
@@ -712,7 +752,6 @@ class SubmissionHandler:
             server.errors = 0  # Postfix's limit counts errors "without delivering mail"
         else:
             server.our_fault = reply.startswith("4")  # the injector failed, not the client
-        return reply
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session error: %s", type(error).__name__, exc_info=error)

@@ -4,7 +4,9 @@ Like bench/postfix.py (own config_directory, queue_directory and data_directory,
 chroot, the discard transport after cleanup has fsynced the queue file) but without
 SASL: its smtpd on a free loopback port trusts 127.0.0.1 for XCLIENT and XFORWARD,
 logs to `maillog` in its directory (postlogd), and refuses any recipient listed in
-`refused` (a texthash map) at RCPT time, so downstream replies can be tested.
+`refused` (a texthash map) at RCPT time, so downstream replies can be tested. With
+`keep`, a message to a recipient @kept.test goes through a pipe transport into
+kept/QUEUEID instead (as Postfix hands it on: its own Received first, LF line endings).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Postfix:
         identity: bool = True,
         smtps_port: int | None = None,
         extra_master: str = "",
+        keep: bool = False,
+        size_limit: int = 10240000,
     ) -> None:
         """With `smtps_port`, STARTTLS on `port` and implicit TLS there, with a certificate
         for "localhost" (self.cert) that a client may trust through SSL_CERT_FILE."""
@@ -44,19 +48,30 @@ class Postfix:
             (root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o755)  # postfix's unprivileged daemons must reach their dirs
         (self.etc / "refused").write_text("".join(f"{r} {REFUSED_REPLY}\n" for r in refused))
-        tls = ""
+        main = ""  # settings before the common ones
+        if keep:
+            self.kept = root / "kept"
+            self.kept.mkdir(exist_ok=True)
+            os.chmod(self.kept, 0o777)  # the pipe runs as nobody
+            save = root / "save"
+            save.write_text(f'#!/bin/sh\nexec cat > {self.kept}/"$1"\n')
+            save.chmod(0o755)
+            (self.etc / "transport").write_text("kept.test keep:\n")
+            main += f"transport_maps = texthash:{self.etc}/transport\n"
+            extra_master += f"keep unix - n n - - pipe\n  user=nobody argv={save} ${{queue_id}}\n"
         if smtps_port is not None:
             from tests.tls_support import make_certificate
 
             self.cert, key = make_certificate(root, "localhost")
-            tls = (
+            main += (
                 f"smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {self.cert}\n"
                 f"smtpd_tls_key_file = {key}\nsmtpd_tls_loglevel = 1\n"
             )
         (self.etc / "main.cf").write_text(
-            tls
+            main
             + private_main_cf(self.etc, root, "test")
-            + f"""smtpd_authorized_xclient_hosts = {"127.0.0.1" if identity else ""}
+            + f"""message_size_limit = {size_limit}
+smtpd_authorized_xclient_hosts = {"127.0.0.1" if identity else ""}
 smtpd_authorized_xforward_hosts = {"127.0.0.1" if identity else ""}
 smtpd_relay_restrictions = check_recipient_access texthash:{self.etc}/refused,
     permit_mynetworks, reject

@@ -4,12 +4,14 @@ with bare newlines normalised or rejected as --bare-newline says."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ofmipd.data import BareNewline, TooBig, TooLong, read_message
+from ofmipd.data import BareNewline, MessageReader, TooBig, TooLong, read_message
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit, CRLF included
 
@@ -198,3 +200,146 @@ def test_matches_a_line_by_line_reader(parts, cuts, limit, size_limit, mode):
     assert got == reference(stream, size_limit, mode=mode)
     if isinstance(got[0], bytes):  # what is handed on has CRLF line endings only
         assert got[0].count(b"\r") == got[0].count(b"\n") == got[0].count(b"\r\n")
+
+
+# The stream (--relay) and read_message share MessageReader; both must give what the
+# whole-message reader gave before the stream existed, kept here as the oracle.
+
+
+async def buffered_read_message(
+    reader: asyncio.StreamReader, *, size_limit: int, line_limit: int, bare_newline: str
+) -> bytes:
+    """read_message as it was before MessageReader: the whole message, then the rules."""
+    chunks: list[bytes] = []
+    size = 0
+    tail = b"\r\n"
+    while True:
+        try:
+            chunk = await reader.readuntil(b".\r\n")
+            complete = True
+        except asyncio.LimitOverrunError as overrun:
+            chunk = await reader.read(overrun.consumed)
+            complete = False
+        window = chunk[-5:] if len(chunk) >= 5 else (tail + chunk)[-5:]
+        if complete and window == b"\r\n.\r\n":
+            chunks.append(chunk[:-3])
+            size += len(chunk) - 3
+            break
+        tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
+        size += len(chunk)
+        if size <= size_limit:
+            chunks.append(chunk)
+        elif chunks:
+            chunks.clear()
+    if size > size_limit:
+        raise TooBig
+    message = b"".join(chunks)
+    pairs = message.count(b"\r\n")
+    if message.count(b"\n") != pairs or message.count(b"\r") != pairs:
+        if bare_newline == "reject":
+            raise BareNewline("<LF>" if message.count(b"\n") != pairs else "<CR>")
+        message = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if len(message) > size_limit:
+            raise TooBig
+    if len(message) >= line_limit and max(map(len, message.split(b"\r\n"))) > line_limit - 2:
+        raise TooLong
+    if message.startswith(b"."):
+        message = message[1:]
+    return message.replace(b"\r\n.", b"\r\n")
+
+
+async def streamed(reader: asyncio.StreamReader, **limits: Any) -> bytes:
+    """What --relay sends down, piece by piece, joined; each piece must be whole lines,
+    and what is held between reads must stay under a line."""
+    message = MessageReader(reader, **limits)
+    pieces = []
+    failed_at = None
+    while not message.done:
+        piece = await message.read()
+        assert piece == b"" or piece.endswith(b"\r\n"), piece[-10:]
+        assert len(message.carry) <= limits["line_limit"]
+        if failed_at is not None:
+            assert piece == b""  # nothing more goes down once it failed
+        elif message.failed:
+            failed_at = len(pieces)
+        pieces.append(piece)
+    assert failed_at is None  # a failed message raises at its end
+    return b"".join(pieces)
+
+
+def outcome(read: Callable[..., Awaitable[bytes]], pieces: list[bytes], **limits: Any) -> tuple:
+    """(message or exception type and text, what is left for the next command)."""
+
+    async def go() -> tuple:
+        reader = asyncio.StreamReader(limit=limits.pop("limit"))
+
+        async def feed() -> None:
+            for piece in pieces:
+                reader.feed_data(piece)
+                await asyncio.sleep(0)
+            reader.feed_eof()
+
+        feeder = asyncio.create_task(feed())
+        try:
+            result: object = await read(reader, line_limit=LINE_LIMIT, **limits)
+        except (TooBig, TooLong, BareNewline) as error:
+            result = (type(error), str(error))
+        except asyncio.IncompleteReadError:
+            result = "eof"
+        rest = await reader.read()
+        await feeder
+        return result, rest
+
+    return asyncio.run(go())
+
+
+def same_everywhere(pieces: list[bytes], **limits: Any) -> tuple:
+    expected = outcome(buffered_read_message, pieces, **limits)
+    assert outcome(read_message, pieces, **limits) == expected
+    assert outcome(streamed, pieces, **limits) == expected
+    return expected
+
+
+def test_an_end_marker_or_a_crlf_split_across_reads() -> None:
+    limits = {"limit": 2**16, "size_limit": 10**6, "bare_newline": "reject"}
+    for pieces in (
+        [b"a\r\n.", b"\r", b"\nQUIT\r\n"],
+        [b"a\r\n", b".\r\n", b"QUIT\r\n"],
+        [b"a\r", b"\n.\r\nQUIT\r\n"],
+        [b"a\r", b"\n", b".", b"\r", b"\n", b"QUIT\r\n"],
+    ):
+        assert same_everywhere(pieces, **limits) == (b"a\r\n", b"QUIT\r\n")
+    assert same_everywhere([b".", b"b\r\n..\r\n.\r\n"], **limits)[0] == b"b\r\n.\r\n"
+
+
+def test_a_line_with_no_end_in_sight_is_not_held() -> None:
+    # 1 MB without a newline: too long, and the stream never holds more than a line of it.
+    pieces = [b"x" * 4096] * 256 + [b"\r\n.\r\nNOOP\r\n"]
+    limits = {"limit": 8192, "size_limit": 10**7, "bare_newline": "normalize"}
+    assert same_everywhere(pieces, **limits) == ((TooLong, ""), b"NOOP\r\n")
+
+
+_stream_parts = st.lists(
+    st.sampled_from(
+        [b"a", b".", b"..", b"\r", b"\n", b"\r\n", b".\r\n", b"\r\n.", b"\n.\n", b"\r.\r",
+         b"xy" * 40, b"w" * 998, b"w" * 1500, b"Subject: s\r\n"]
+    ),
+    max_size=60,
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    parts=_stream_parts,
+    cuts=st.lists(st.integers(0, 6000), max_size=30),
+    limit=st.sampled_from([8, 64, 1024, 2**16]),
+    size_limit=st.sampled_from([300, 3000, 10**6]),
+    mode=st.sampled_from(["normalize", "reject"]),
+)
+def test_the_stream_and_read_message_match_the_whole_message_reader(
+    parts: list[bytes], cuts: list[int], limit: int, size_limit: int, mode: str
+) -> None:
+    stream = b"".join(parts) + b"\r\n.\r\nQUIT\r\n"
+    points = sorted({c for c in cuts if c < len(stream)})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    same_everywhere(pieces, limit=limit, size_limit=size_limit, bare_newline=mode)

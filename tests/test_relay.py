@@ -197,10 +197,13 @@ def test_the_downstream_failing_mid_transaction_is_a_4xx_and_nothing_queued(
         assert smtp.rcpt("ivan@example.org")[0] == 250
         postfix.stop()
         try:
-            code, reply = smtp.data(message("never"))
+            # DATA goes down before the client's 354: the MTA gone, DATA itself is the 4xx.
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                smtp.data(message("never"))
             smtp.quit()
         finally:
             postfix.start()
+        code, reply = refused.value.smtp_code, refused.value.smtp_error
         assert code == 451 and reply.startswith(b"4.4.0")
         # The next transaction gets a fresh connection, not the broken one.
         smtp = login(daemon)

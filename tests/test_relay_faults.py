@@ -35,7 +35,10 @@ def send_all(daemon: Daemon, numbers: list[int], outcomes: dict[int, int]) -> No
             if code == 250:
                 code, _ = smtp.rcpt(f"m{n}@example.org")
             if code == 250:
-                code, _ = smtp.data(f"Subject: {n}\r\n\r\nmessage {n}\r\n".encode())
+                try:
+                    code, _ = smtp.data(f"Subject: {n}\r\n\r\nmessage {n}\r\n".encode())
+                except smtplib.SMTPDataError as refused:  # DATA goes down before the 354
+                    code = refused.smtp_code
             if code != 250:
                 smtp.rset()
             outcomes[n] = code
