@@ -197,6 +197,12 @@ class Connection:
             self.idle_handle = None
         self.writer.close()
 
+    def quit(self) -> None:
+        """QUIT without waiting for the 221: the write goes out before the close."""
+        if not self.writer.is_closing():
+            self.send("QUIT")
+        self.close()
+
 
 class Relay:
     """The pool: at most `size` connections to one downstream, idle ones reused.
@@ -352,13 +358,13 @@ class Relay:
     def _expire(self, conn: Connection) -> None:
         if conn in self.idle:
             self.idle.remove(conn)
-            conn.idle_handle = None
-            conn.send("QUIT")
-            conn.close()
+            conn.quit()
 
     def close(self) -> None:
+        """At the end (a daemon stopping, a -1 session over): the idle connections say QUIT,
+        so the MTA logs a clean end, not a lost connection. Busy ones go with their session."""
         while self.idle:
-            self.idle.pop().close()
+            self.idle.pop().quit()
 
     async def deliver(self, submission: Submission) -> str:
         log.error("%s: relay: no open transaction downstream", submission.queue_id)

@@ -125,6 +125,15 @@ class PipePair(asyncio.Transport):
 
 
 async def run_session(app: App) -> None:
+    try:
+        await _serve(app)
+    finally:
+        if app.relay is not None:
+            app.relay.close()  # QUIT to the MTA, as a daemon says it when stopping
+            await asyncio.sleep(0)  # the loop closes the sockets it flushed
+
+
+async def _serve(app: App) -> None:
     implicit_tls = app.implicit_tls_context is not None
     if stat.S_ISSOCK(os.fstat(0).st_mode):
         sock = socket.socket(fileno=os.dup(0))

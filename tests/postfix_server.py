@@ -99,6 +99,12 @@ alias_database =
         _run([POSTFIX, "-c", str(self.etc), "check"])
 
     def start(self) -> None:
+        # `postfix start` runs postsuper, which logs as the postfix user (a restart after a
+        # kill finds half-written queue files to warn about): a root-only maillog made that
+        # fatal ("open logfile: Permission denied"). postlogd, as root, still appends.
+        maillog = self.root / "maillog"
+        maillog.touch()
+        shutil.chown(maillog, "postfix", "postfix")
         _run([POSTFIX, "-c", str(self.etc), "start"])
         self.running = True
         deadline = time.monotonic() + 30
@@ -128,6 +134,10 @@ alias_database =
                 os.kill(int(pid_file.read_text().split()[0]), 9)
             except (OSError, ValueError, IndexError):
                 pass
+
+    def flush(self) -> None:
+        """Deliver what is deferred now: a stop mid-delivery defers a queued message."""
+        _run(["/usr/sbin/postqueue", "-c", str(self.etc), "-f"])
 
     def maillog(self) -> str:
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.ofmipd_server import Daemon, authfile, ofmipd_command, server_env
+from tests.ofmipd_server import Daemon, authfile, ofmipd_command, server_env, wait_for_port
 from tests.postfix_server import Postfix
 
 REFUSED = "nobody@example.org"
@@ -338,3 +338,46 @@ def test_require_refuses_a_certificate_it_cannot_verify(tmp_path: Path, postfix:
         smtp.quit()
     assert code == 451 and reply.startswith(b"4.4.0")
     assert "certificate verify failed" in daemon.log_text()
+
+
+def test_one_session_processes_under_tcpserver_relay_and_say_quit(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    """`ofmipd -1 --relay` under the real tcpserver: each session is a process with a
+    connection of its own downstream, which ends with QUIT, not a lost connection."""
+    users = authfile(tmp_path, "alice:secret\n")
+    port = free_port()
+    tcpserver = subprocess.Popen(
+        ["tcpserver", "-q", "-R", "-H", "127.0.0.1", str(port),
+         *ofmipd_command("-1", "-a", str(users), "--hostname", "mx.test",
+                         "--relay", f"smtp://127.0.0.1:{postfix.port}")],
+        env=server_env(), stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port("127.0.0.1", port, tcpserver)
+        replies = []
+        for n in range(2):
+            with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=30) as s:
+                s.login("alice", "secret")
+                s.mail("alice@example.com")
+                s.rcpt(f"one{n}@example.org")
+                replies.append(s.data(message(f"one-session {n}")))
+    finally:
+        tcpserver.terminate()
+        tcpserver.wait(10)
+    for n, (code, reply) in enumerate(replies):
+        assert code == 250, reply
+        qid = queue_id(reply)
+        [smtpd] = postfix.wait_for_log(rf"{qid}: client=")
+        assert "sasl_username=alice" in smtpd
+        assert postfix.wait_for_log(rf"{qid}: to=<one{n}@example.org>.*status=sent")
+        # How that connection ended, in Postfix's words: the first disconnect line of the
+        # same smtpd process after the message. (XCLIENT shows as "xclient=0/1": Postfix
+        # resets the session's counters for it.)
+        process = re.search(r"(smtpd\[\d+\]): ", smtpd)
+        assert process
+        postfix.wait_for_log(rf"{re.escape(process.group(1))}: disconnect from")
+        log = postfix.maillog()
+        after = log[log.index(smtpd) :].splitlines()
+        end = next(x for x in after if f"{process.group(1)}: disconnect from" in x)
+        assert " mail=1 " in end and " quit=1 " in end, end
