@@ -381,3 +381,22 @@ def test_one_session_processes_under_tcpserver_relay_and_say_quit(
         after = log[log.index(smtpd) :].splitlines()
         end = next(x for x in after if f"{process.group(1)}: disconnect from" in x)
         assert " mail=1 " in end and " quit=1 " in end, end
+
+
+def test_smtputf8_and_8bitmime_go_down_with_a_utf8_message(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    """A UTF-8 address and an 8-bit message go through to Postfix. (Postfix takes them
+    even undeclared: test_relay_pool shows which MAIL parameters go down.)"""
+    with relay_daemon(tmp_path, postfix) as daemon:
+        smtp = login(daemon)
+        assert smtp.has_extn("smtputf8") and smtp.has_extn("8bitmime")
+        code, _ = smtp.mail("alice@example.com", ["SMTPUTF8", "BODY=8BITMIME"])
+        assert code == 250
+        assert smtp.rcpt("jörg@example.org")[0] == 250
+        body = "From: alice@example.com\r\nSubject: grüße\r\n\r\nnaïve\r\n".encode()
+        code, reply = smtp.data(body)
+        smtp.quit()
+    assert code == 250, reply
+    qid = queue_id(reply)
+    assert postfix.wait_for_log(rf"{qid}: to=<jörg@example.org>.*status=sent")

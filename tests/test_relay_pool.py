@@ -115,6 +115,24 @@ def test_rset_xforward_and_mail_go_down_in_one_write_with_pipelining() -> None:
     assert b"ADDR=192.0.2.9" in together[0]
 
 
+@pytest.mark.parametrize("offered", [("SIZE", "8BITMIME", "SMTPUTF8"), ()])
+def test_mail_parameters_go_down_only_when_the_downstream_offers_them(offered) -> None:
+    fake = FakeDownstream(offered)
+    options = ["SIZE=1234", "BODY=8BITMIME", "SMTPUTF8"]
+
+    async def test() -> None:
+        async with fake as relay:
+            reply, transaction = await relay.begin(IDENTITY, "jörg@example.com", options)
+            assert transaction is not None, reply
+            transaction.abort()
+            relay.close()
+
+    run(test)
+    [mail] = [x for c in fake.chunks for x in c.split(b"\r\n") if x.startswith(b"MAIL ")]
+    expected = " SIZE=1234 BODY=8BITMIME SMTPUTF8" if offered else ""
+    assert mail == f"MAIL FROM:<jörg@example.com>{expected}".encode()
+
+
 def test_without_pipelining_each_command_waits_for_its_reply() -> None:
     fake = FakeDownstream(("XFORWARD NAME ADDR PORT PROTO HELO",))
 
