@@ -22,6 +22,7 @@ from ctypes import (
     byref,
     c_char_p,
     c_int,
+    c_size_t,
     c_void_p,
     cast,
     memmove,
@@ -88,6 +89,9 @@ _libc = CDLL(None)  # our own handle, so argtypes set here do not touch python-p
 _free = _libc.free
 _free.argtypes = [c_void_p]
 _free.restype = None
+_calloc = _libc.calloc  # not python-pam's, which exists only once a PamAuthenticator does
+_calloc.argtypes = [c_size_t, c_size_t]
+_calloc.restype = c_void_p
 _pam_get_item: Any = None  # libpam's, bound on first use (python-pam does not wrap it)
 
 
@@ -165,7 +169,7 @@ def _strerror(handle: PamHandle, code: int) -> str:
 
 def _conversation(service: str, user: str, user_bytes: bytes, password: bytes) -> Any:
     """The PAM conversation: echo-off prompts get the password, echo-on the user name."""
-    calloc = PamAuthenticator.calloc
+    calloc = _calloc
     shown = password.decode("utf-8", "replace")
 
     def say(level: int, message: bytes | None) -> None:

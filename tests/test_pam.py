@@ -306,6 +306,8 @@ def test_concurrent_logins_each_get_their_own_answer(make_user, make_service, cl
 
 
 def test_conversation_answers_prompts_and_logs_messages(caplog) -> None:
+    # Whatever level an earlier test in this worker left on the logger, INFO is captured.
+    caplog.set_level(logging.INFO, logger="ofmipd.pam")
     password = f"pw {secrets.token_hex(6)}"
     PASSWORDS.append(password)
     converse = pam_backend._conversation("svc", "alice", b"alice", password.encode())
