@@ -14,11 +14,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import smtplib
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.postfix import INTERNAL, POSTFIX, _run, private_main_cf
+from tests.ofmipd_server import Daemon, authfile, server_env
+from tests.ports import free_port
 
 REFUSED_REPLY = "550 5.1.1 no such user here"
 
@@ -153,3 +158,42 @@ alias_database =
             if len(lines) >= count or time.monotonic() > deadline:
                 return lines
             time.sleep(0.05)
+
+
+def running_postfix(**options: object) -> Iterator[Postfix]:
+    """A started Postfix(root, free port, **options) for a module's fixture, removed after.
+    Not under pytest's tmp_path: its 0700 parent keeps Postfix's daemons out."""
+    root = Path(tempfile.mkdtemp(prefix="ofmipd-postfix-"))
+    try:
+        server = Postfix(root, free_port(), **options)  # type: ignore[arg-type]
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def relay_daemon(tmp_path: Path, postfix: Postfix, *args: str) -> Daemon:
+    """ofmipd --relay to `postfix`, user alice with password "secret"."""
+    users = authfile(tmp_path, "alice:secret\n")
+    port = free_port()
+    return Daemon(
+        ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "-a", str(users), "-L",
+         "--relay", f"smtp://127.0.0.1:{postfix.port}", *args],
+        port, tmp_path, env=server_env(),
+    )  # fmt: skip
+
+
+def login(daemon: Daemon, timeout: float = 60) -> smtplib.SMTP:
+    smtp = smtplib.SMTP(daemon.host, daemon.port, local_hostname="client.example", timeout=timeout)
+    smtp.login("alice", "secret")
+    return smtp
+
+
+def queue_id(reply: bytes) -> str:
+    """Postfix's queue id in its 250 after DATA ("queued as ...")."""
+    found = re.search(rb"queued as ([0-9A-Z]+)", reply)
+    assert found, reply
+    return found.group(1).decode()

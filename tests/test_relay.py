@@ -16,50 +16,18 @@ import pytest
 
 from tests.conftest import free_port
 from tests.ofmipd_server import Daemon, authfile, ofmipd_command, server_env, wait_for_port
-from tests.postfix_server import Postfix
+from tests.postfix_server import Postfix, login, queue_id, relay_daemon, running_postfix
 
 REFUSED = "nobody@example.org"
 
 
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[Postfix]:
-    # Not under pytest's tmp_path: its 0700 parent keeps Postfix's daemons out.
-    root = Path(tempfile.mkdtemp(prefix="ofmipd-postfix-"))
-    try:
-        server = Postfix(root, free_port(), refused=(REFUSED,), smtps_port=free_port())
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def relay_daemon(tmp_path: Path, postfix: Postfix, *args: str) -> Daemon:
-    users = authfile(tmp_path, "alice:secret\n")
-    port = free_port()
-    return Daemon(
-        ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "-a", str(users), "-L",
-         "--relay", f"smtp://127.0.0.1:{postfix.port}", *args],
-        port, tmp_path, env=server_env(),
-    )  # fmt: skip
-
-
-def login(daemon: Daemon) -> smtplib.SMTP:
-    smtp = smtplib.SMTP(daemon.host, daemon.port, local_hostname="client.example", timeout=30)
-    smtp.login("alice", "secret")
-    return smtp
+    yield from running_postfix(refused=(REFUSED,), smtps_port=free_port())
 
 
 def message(subject: str) -> bytes:
     return f"From: alice@example.com\r\nSubject: {subject}\r\n\r\nbody\r\n".encode()
-
-
-def queue_id(reply: bytes) -> str:
-    found = re.search(rb"queued as ([0-9A-Z]+)", reply)
-    assert found, reply
-    return found.group(1).decode()
 
 
 def test_message_goes_down_with_the_client_and_login_in_postfix_log(

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import shutil
 import smtplib
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.ofmipd_server import Daemon, authfile, server_env
-from tests.postfix_server import Postfix
+from tests.postfix_server import Postfix, login, queue_id, relay_daemon, running_postfix
 
 LOST = r"lost connection after DATA"
 FROM = b"From: alice@example.com\r\n"  # else Postfix adds one
@@ -27,39 +25,7 @@ FROM = b"From: alice@example.com\r\n"  # else Postfix adds one
 
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[Postfix]:
-    # Not under pytest's tmp_path: its 0700 parent keeps Postfix's daemons out.
-    root = Path(tempfile.mkdtemp(prefix="ofmipd-postfix-"))
-    try:
-        server = Postfix(root, free_port(), keep=True, size_limit=50_000_000)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def relay_daemon(tmp_path: Path, postfix: Postfix, *args: str) -> Daemon:
-    users = authfile(tmp_path, "alice:secret\n")
-    port = free_port()
-    return Daemon(
-        ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "-a", str(users), "-L",
-         "--relay", f"smtp://127.0.0.1:{postfix.port}", *args],
-        port, tmp_path, env=server_env(),
-    )  # fmt: skip
-
-
-def login(daemon: Daemon) -> smtplib.SMTP:
-    smtp = smtplib.SMTP(daemon.host, daemon.port, local_hostname="client.example", timeout=60)
-    smtp.login("alice", "secret")
-    return smtp
-
-
-def queue_id(reply: bytes) -> str:
-    found = re.search(rb"queued as ([0-9A-Z]+)", reply)
-    assert found, reply
-    return found.group(1).decode()
+    yield from running_postfix(keep=True, size_limit=50_000_000)
 
 
 def kept(postfix: Postfix, qid: str, rcpt: str) -> bytes:
