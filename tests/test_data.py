@@ -66,29 +66,11 @@ def reference(
 def run(
     pieces: list[bytes], size_limit: int = 10**6, limit: int = 2**16, mode: str = "normalize"
 ) -> tuple[object, bytes]:
-    async def go() -> tuple[object, bytes]:
-        reader = asyncio.StreamReader(limit=limit)
-
-        async def feed() -> None:
-            for piece in pieces:
-                reader.feed_data(piece)
-                await asyncio.sleep(0)
-            reader.feed_eof()
-
-        feeder = asyncio.create_task(feed())
-        try:
-            result: object = await read_message(
-                reader, size_limit=size_limit, line_limit=LINE_LIMIT, bare_newline=mode
-            )
-        except (TooBig, TooLong, BareNewline) as error:
-            result = type(error)
-        except asyncio.IncompleteReadError:
-            result = "eof"
-        rest = await reader.read()
-        await feeder
-        return result, rest
-
-    return asyncio.run(go())
+    """read_message's (message, exception type or "eof") and what is left after it."""
+    result, rest = outcome(
+        read_message, pieces, size_limit=size_limit, limit=limit, bare_newline=mode
+    )
+    return (result[0] if isinstance(result, tuple) else result), rest
 
 
 def test_message_ends_at_crlf_dot_crlf_and_leaves_the_next_command():
