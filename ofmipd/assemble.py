@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ofmipd.quota import Quotas
     from ofmipd.ratelimit import LoginLimiter
     from ofmipd.rules import Rules
+    from ofmipd.store import Store
 
 
 def default_hostname() -> str:
@@ -110,16 +111,22 @@ def build_limiter(config: Config) -> LoginLimiter | None:
     )
 
 
-def build_quotas(config: Config, limiter: LoginLimiter | None) -> Quotas | None:
-    """--quota: counted in the guessing limits' store (the same one when they are on)."""
+def build_quotas(
+    config: Config, limiter: LoginLimiter | None, reuse: Store | None = None
+) -> Quotas | None:
+    """--quota: counted in the guessing limits' store (the same one when they are on;
+    else `reuse`, the running App's, or the one --ratelimit names)."""
     if not config.quota:
         return None
     from ofmipd.quota import Quotas
     from ofmipd.ratelimit import open_store
 
     options = dict(config.ratelimit_options)
+    store: Store
     if limiter is not None:
         store = limiter.store
+    elif reuse is not None:
+        store = reuse
     else:
         store = open_store(
             config.ratelimit or "", options, state_dir=config.state_dir, username=config.username
@@ -176,7 +183,8 @@ def build_app(config: Config, previous: App | None = None) -> App:
         app.limiter = previous.limiter
     else:
         app.limiter = build_limiter(config)
-    app.quotas = build_quotas(config, app.limiter)
+    reuse = previous.quotas.store if previous and previous.quotas and same_limits else None
+    app.quotas = build_quotas(config, app.limiter, reuse)
     if previous is not None:
         app.metrics = previous.metrics
     if config.sender_map:
