@@ -119,7 +119,7 @@ class Holds:
     __slots__ = ("grants", "accepted")
 
     def __init__(self) -> None:
-        self.grants: list[tuple[Store, Grant]] = []
+        self.grants: list[tuple[Store, Grant, str]] = []  # and what it counts
         self.accepted = False  # the delivery target said 250
 
 
@@ -189,17 +189,17 @@ class Quotas:
             store = self._memory()
             result = await store.reserve(limits, 1, self.hold)
         if isinstance(result, Grant):
-            holds.grants.append((store, result))
+            holds.grants.append((store, result, counts))
             return None
         quota = keys[result.key]
         self._log_refusal(quota, result, user, ip, session_id)
         return Refusal(self._reply(quota, result), quota.kind)
 
     def release_last(self, holds: Holds) -> None:
-        """The last reservation's recipient was refused downstream: give it back."""
-        if holds.grants:
-            store, grant = holds.grants.pop()
-            self._later(self._settle([(store, grant)], 0))
+        """The last recipient was refused downstream: give its reservation back (if it
+        made one: the last may be the message's, when no recipient quota applies)."""
+        if holds.grants and holds.grants[-1][2] == "recipients":
+            self._later(self._settle([holds.grants.pop()], 0))
 
     def end(self, holds: Holds) -> None:
         """The transaction ended: charge its holds if the message was accepted, else
@@ -265,8 +265,8 @@ class Quotas:
             reset,
         )
 
-    async def _settle(self, grants: list[tuple[Store, Grant]], charge: int) -> None:
-        for store, grant in grants:
+    async def _settle(self, grants: list[tuple[Store, Grant, str]], charge: int) -> None:
+        for store, grant, _ in grants:
             try:
                 await store.settle(grant, grant.units * charge)
             except StoreDown as error:  # a hold expires by itself; a charge is lost

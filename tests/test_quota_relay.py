@@ -85,3 +85,16 @@ def test_a_recipient_postfix_refuses_gives_its_reservation_back(
         assert smtp.mail("alice@example.com")[0] == 250
         assert smtp.rcpt("d@example.org")[0] == 452  # both charged
         smtp.quit()
+
+
+def test_a_refused_recipient_leaves_the_messages_reservation_alone(
+    tmp_path: Path, postfix: Postfix
+) -> None:
+    with relay_daemon(tmp_path, postfix, "--quota", "user-messages:1/1h") as daemon:
+        smtp = login(daemon)
+        assert smtp.mail("alice@example.com")[0] == 250
+        assert smtp.rcpt(REFUSED)[0] == 550
+        assert smtp.rcpt("a@example.org")[0] == 250
+        assert smtp.data(b"Subject: one\r\n\r\nbody\r\n")[0] == 250
+        assert smtp.mail("alice@example.com")[0] == 450  # the message was charged
+        smtp.quit()
