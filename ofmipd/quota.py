@@ -253,15 +253,17 @@ class Quotas:
     ) -> None:
         from ofmipd.logs import printable
 
-        seconds = max(0.0, blocked.seconds)
-        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
+        if blocked.locked:  # the budget is spent: it has room again when the window ends
+            at = time.gmtime(time.time() + max(0.0, blocked.seconds))
+            reset = "resets=" + time.strftime("%Y-%m-%dT%H:%M:%SZ", at)
+        else:  # messages still in progress fill it: room again if one of them fails
+            reset = "resets=- in_progress=yes"
         log.warning(
-            "session %s: over quota %s user=%s client=%s %s=%s",
+            "session %s: over quota %s user=%s client=%s %s",
             printable(session_id),
             printable(quota),
             printable(user or "-"),
             printable(ip or "unknown"),
-            "resets" if blocked.locked else "in-flight-until",
             reset,
         )
 

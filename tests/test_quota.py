@@ -308,6 +308,11 @@ def test_concurrent_sessions_of_one_user_across_workers_never_exceed_the_budget(
         late = login(server)
         assert mail_code(late)[0] == 450  # both charged, in the store both workers share
         late.quit()
+        server.wait_for_log("resets=20")
+        lines = [line for line in server.log_text().splitlines() if "over quota" in line]
+    # Refused while the two were in progress, then once the budget was spent.
+    assert sum("resets=- in_progress=yes" in line for line in lines) == 4
+    assert sum("resets=20" in line for line in lines) == 1
 
 
 class OneSession:
