@@ -17,6 +17,7 @@ LABELS = {
     "ofmipd": "ofmipd daemon (authfile)",
     "ofmipd-workers2": "ofmipd daemon, --workers 2 (authfile)",
     "ofmipd-htpasswd": "ofmipd daemon (htpasswd bcrypt 5)",
+    "ofmipd-quota": "ofmipd daemon, --quota user-messages:1000000/1h (authfile)",
     "bare-aiosmtpd": "bare aiosmtpd daemon",
     "postfix-dovecot": "Postfix smtpd + Dovecot SASL",
     "ofmipd-1-tcpserver": "ofmipd -1 under tcpserver",
@@ -129,8 +130,9 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
     out += ["## Headline: ofmipd ÷ peer (sessions/s, Maildir, no TLS)", ""]
     out += ["| concurrency | ofmipd ÷ bare aiosmtpd | server CPU per session, ofmipd ÷ bare | "
             "ofmipd ÷ Postfix | ofmipd --workers 2 ÷ Postfix | "
-            "ofmipd -1 ÷ bare one-session (tcpserver) | ofmipd htpasswd ÷ ofmipd authfile |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+            "ofmipd -1 ÷ bare one-session (tcpserver) | ofmipd htpasswd ÷ ofmipd authfile | "
+            "ofmipd --quota ÷ ofmipd |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in sweep:
         r = {s: rate("maildir", "plain", c, s) for s in systems}
         cpu = {s: field(rows("maildir", "plain", c, s), "cpu_ms") for s in systems}
@@ -140,7 +142,8 @@ def write(data: dict[str, Any], md: Path, png: Path) -> None:
             f"| {ratio(r.get('ofmipd', []), r.get('postfix-dovecot', []))} "
             f"| {ratio(r.get('ofmipd-workers2', []), r.get('postfix-dovecot', []))} "
             f"| {ratio(r.get('ofmipd-1-tcpserver', []), r.get('bare-1-tcpserver', []))} "
-            f"| {ratio(r.get('ofmipd-htpasswd', []), r.get('ofmipd', []))} |"
+            f"| {ratio(r.get('ofmipd-htpasswd', []), r.get('ofmipd', []))} "
+            f"| {ratio(r.get('ofmipd-quota', []), r.get('ofmipd', []))} |"
         )
     out += headline_scaling(data["side"])
     out += ["", f"![sessions/s vs concurrency]({os.path.relpath(png, md.parent)})", ""]

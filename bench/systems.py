@@ -212,10 +212,13 @@ def tcpserver(port: int, argv: list[str]) -> list[str]:
             "127.0.0.1", str(port), *argv]  # fmt: skip
 
 
+QUOTA = "user-messages:1000000/1h"  # never reached: the cost of the check and the charge
+
 SYSTEMS = (
     "ofmipd",
     "ofmipd-workers2",
     "ofmipd-htpasswd",
+    "ofmipd-quota",
     "bare-aiosmtpd",
     "postfix-dovecot",
     "ofmipd-1-tcpserver",
@@ -242,6 +245,9 @@ def start(procs: Processes, ws: Workspace, system: str, delivery: str) -> Runnin
         argv = ofmipd_args(ws, delivery, name, ["-a", str(ws.users)], port)
     elif system == "ofmipd-workers2":
         argv = ofmipd_args(ws, delivery, name, ["-a", str(ws.users)], port, ["--workers", "2"])
+    elif system == "ofmipd-quota":  # issue 15: one quota on must cost nothing noticeable
+        extra = ["--quota", QUOTA]
+        argv = ofmipd_args(ws, delivery, name, ["-a", str(ws.users)], port, extra)
     elif system == "ofmipd-htpasswd":
         argv = ofmipd_args(ws, delivery, name, ["--htpasswd", str(ws.htpasswd)], port)
     elif system == "bare-aiosmtpd":

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ofmipd.delivery import Delivery, Target
     from ofmipd.identity import Networks
     from ofmipd.proxy import TrustedProxies
+    from ofmipd.quota import Quotas
     from ofmipd.ratelimit import LoginLimiter
     from ofmipd.rdns import ReverseNames
     from ofmipd.relay import Relay
@@ -37,6 +38,7 @@ class Metrics(Protocol):
     def delivery(self, reply: str) -> None: ...
     def ratelimit_refused(self, key: str) -> None: ...
     def ratelimit_lockout(self, key: str) -> None: ...
+    def quota_exceeded(self, kind: str) -> None: ...
     def start(self, host: str, port: int) -> None: ...
     def stop(self) -> None: ...
 
@@ -65,6 +67,9 @@ class NoMetrics:
     def ratelimit_lockout(self, key: str) -> None:
         pass
 
+    def quota_exceeded(self, kind: str) -> None:
+        pass
+
     def start(self, host: str, port: int) -> None:
         pass
 
@@ -81,7 +86,7 @@ class App:
         "config", "hostname", "chain", "delivery", "mechanisms", "starttls_context",
         "implicit_tls_context", "rules", "proxy_trust", "proxy_timeout", "senders", "limiter",
         "metrics", "reverse_names", "instance_id", "sessions_started", "smtp_handler",
-        "tls_terminators", "relay",
+        "tls_terminators", "relay", "quotas",
     )  # fmt: skip
 
     def __init__(
@@ -122,6 +127,7 @@ class App:
         self.smtp_handler: object = None
         self.tls_terminators: Networks | None = None  # --tls-in-front peers
         self.relay: Relay | None = None  # --relay: MAIL, RCPT and DATA go down through it
+        self.quotas: Quotas | None = None  # --quota: checked at MAIL and RCPT
 
     def new_session_id(self) -> str:
         return f"{self.instance_id}{next(self.sessions_started):x}"
@@ -174,6 +180,10 @@ class App:
             lines.append(f"login rate limit: {self.limiter.describe()}")
         else:
             lines.append("login rate limit: off (--ratelimit off)")
+        if self.quotas is not None:
+            lines.extend(self.quotas.describe())
+        else:
+            lines.append("quotas: none")
         if config.throttle_script:
             lines.append(f"throttle script: {config.throttle_script}")
         # Backends build their targets without passwords; this is the net for the rest

@@ -18,8 +18,10 @@ from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
 
 if TYPE_CHECKING:
+    from ofmipd.quota import Quotas
     from ofmipd.ratelimit import LoginLimiter
     from ofmipd.rules import Rules
+    from ofmipd.store import Store
 
 
 def default_hostname() -> str:
@@ -109,6 +111,38 @@ def build_limiter(config: Config) -> LoginLimiter | None:
     )
 
 
+def build_quotas(
+    config: Config, limiter: LoginLimiter | None, reuse: Store | None = None
+) -> Quotas | None:
+    """--quota: counted in the guessing limits' store (the same one when they are on;
+    else `reuse`, the running App's, or the one --ratelimit names)."""
+    if not config.quota:
+        return None
+    from ofmipd.quota import Quotas
+    from ofmipd.ratelimit import open_store
+
+    options = dict(config.ratelimit_options)
+    store: Store
+    if limiter is not None:
+        store = limiter.store
+    elif reuse is not None:
+        store = reuse
+    else:
+        store = open_store(
+            config.ratelimit or "", options, state_dir=config.state_dir, username=config.username
+        )
+    # A hold outlives the longest transaction that keeps to the timeouts; one left by a
+    # process killed mid-transaction frees its budget by itself after that.
+    hold = config.idle_timeout * 2 + config.data_timeout + config.delivery_timeout
+    return Quotas(
+        config.quota,
+        store,
+        permanent=config.quota_reply == "permanent",
+        fail_open=bool(options.get("fail_open", config.ratelimit_fail_open)),
+        hold=hold,
+    )
+
+
 def build_app(config: Config, previous: App | None = None) -> App:
     """`previous` is the running App on a reload: its rate-limit state and metrics
     endpoint carry over, so a SIGHUP neither forgets failures nor rebinds a port."""
@@ -149,6 +183,8 @@ def build_app(config: Config, previous: App | None = None) -> App:
         app.limiter = previous.limiter
     else:
         app.limiter = build_limiter(config)
+    reuse = previous.quotas.store if previous and previous.quotas and same_limits else None
+    app.quotas = build_quotas(config, app.limiter, reuse)
     if previous is not None:
         app.metrics = previous.metrics
     if config.sender_map:

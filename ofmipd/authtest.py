@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="act as a checkpassword program: read user\\0password\\0 from fd 3, "
         "exec PROG with $USER set on success (exit 0 without PROG)",
     )
+    parser.add_argument(
+        "--quota",
+        metavar="USER",
+        help="print USER's usage of each configured user quota and when its window resets "
+        "(read from the server's store; no password is asked)",
+    )
     parser.add_argument("user", nargs="?", help="the login name to test")
     return parser
 
@@ -315,6 +321,37 @@ def checkpassword(chain: Chain, prog: list[str]) -> int:
     return 111  # not reached
 
 
+def quota_usage(config: Config, user: str) -> int:
+    """--quota USER: what the server's store holds for USER's quotas."""
+    from ofmipd.assemble import build_quotas
+    from ofmipd.store import StoreDown
+
+    try:
+        quotas = build_quotas(config, None)
+    except ConfigError as error:
+        print(f"ofmipd-authtest: {error}", file=sys.stderr)
+        return 2
+    mine = [q for q in (quotas.quotas if quotas else ()) if q.who == "user"]
+    if quotas is None or not mine:
+        print("no user quotas configured (--quota user-messages:... or [[quota]])")
+        return 0
+    try:
+        found = asyncio.run(quotas.usage(user))
+    except StoreDown as error:
+        print(f"ofmipd-authtest: quota store unavailable: {printable(error)}", file=sys.stderr)
+        return 111
+    print(f"quotas for {printable(user)} ({quotas.store.describe()}):")
+    for usage in found:
+        left = max(0, usage.quota.limit - usage.used)
+        if usage.resets_in is None:
+            window = "no window open"
+        else:
+            at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + usage.resets_in))
+            window = f"resets in {usage.resets_in:.0f}s ({at})"
+        print(f"  {usage.quota}: {usage.used} used, {left} left, {window}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Messages logged while building the chain wait: a ConfigError replaces them all, so a
@@ -327,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args)
         from ofmipd.assemble import build_chain
 
-        if args.checkpassword is not None:
+        if args.quota is not None:
+            if args.user or args.checkpassword is not None:
+                raise ConfigError("--quota USER takes no other user or --checkpassword")
+        elif args.checkpassword is not None:
             if args.user:
                 raise ConfigError("--checkpassword reads the user from fd 3, not the arguments")
             chain = build_chain(config)
@@ -348,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     root.addHandler(handler)
     for record in early.buffer:
         handler.handle(record)
+    if args.quota is not None:
+        return quota_usage(config, args.quota)
     if args.checkpassword is not None:
         return checkpassword(chain, args.checkpassword)
     try:

@@ -105,6 +105,8 @@ class Config(NamedTuple):
     ratelimit: str | None = None  # None: "sqlite" (in state_dir); "memory", "redis://...", "off"
     ratelimit_fail_open: bool = True
     ratelimit_options: tuple[tuple[str, Any], ...] = ()  # TOML [ratelimit] settings
+    quota: tuple[Any, ...] = ()  # ofmipd.quota.Quota: --quota flags or [[quota]] tables
+    quota_reply: str = "temporary"  # over quota: 450/452, or "permanent": 550 5.7.1
     state_dir: str | None = None  # None: $STATE_DIRECTORY, else /var/lib/ofmipd
     metrics: str | None = None  # HOST:PORT of a Prometheus endpoint
     reverse_dns: bool = True
@@ -277,6 +279,18 @@ def _cidr_list(value: str | list[Any]) -> tuple[str, ...]:
     if isinstance(value, str):
         return tuple(x for x in value.split(",") if x.strip())
     return tuple(value)
+
+
+def _quota_flag(text: str) -> Any:
+    from ofmipd.quota import parse_quota  # only configurations with quotas load it
+
+    return parse_quota(text)
+
+
+def _quota_tables(tables: list[Any]) -> tuple[Any, ...]:
+    from ofmipd.quota import quota_from_table
+
+    return tuple(quota_from_table(table) for table in tables)
 
 
 class Setting:
@@ -464,6 +478,15 @@ SETTINGS = (
             "refuse logins while the rate-limit store cannot be used (default: fall back to a "
             "limit in process memory)",
             LIMITS, bool, toml="ratelimit_fail_open", const=False),
+    Setting("quota", ("--quota",),
+            "a sending quota, repeatable: KIND user-messages, user-recipients, ip-messages or "
+            "ip-recipients, WINDOW like 30s, 10m, 1h, 1d (e.g. user-messages:200/1h)",
+            LIMITS, metavar="KIND:LIMIT/WINDOW", toml="quota", toml_type=list, repeat=True,
+            from_flag=_quota_flag, from_toml=_quota_tables),
+    Setting("quota_reply", ("--quota-reply",),
+            "over quota: temporary (450 4.7.1 at MAIL, 452 4.5.3 at RCPT; the default) or "
+            "permanent (550 5.7.1)", LIMITS, toml="quota_reply",
+            choices=("temporary", "permanent")),
     Setting("state_dir", ("--state-dir",),
             "directory for the sqlite rate-limit store, made 0700 for the -u user (default "
             "$STATE_DIRECTORY, else /var/lib/ofmipd)",

@@ -256,6 +256,8 @@ class Daemon:
         if self.app.relay is not None:
             probe.cancel()
             self.app.relay.close()
+        if self.app.quotas is not None:
+            await self.app.quotas.drain()  # the charges of the last messages
         log.info("stopped")
 
 

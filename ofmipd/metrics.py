@@ -82,6 +82,12 @@ class PrometheusMetrics:
         self.lockouts = prom.Counter(
             "ofmipd_ratelimit_lockouts", "Lockouts started, by key", ["key"], registry=r
         )
+        self.quotas = prom.Counter(
+            "ofmipd_quota_exceeded",
+            "MAIL or RCPT refused over a sending quota, by quota kind",
+            ["quota"],
+            registry=r,
+        )
         self._server: Any = None
 
     def session_started(self) -> None:
@@ -105,6 +111,9 @@ class PrometheusMetrics:
 
     def ratelimit_lockout(self, key: str) -> None:
         self.lockouts.labels(key if key in REFUSAL_KEYS else "other").inc()
+
+    def quota_exceeded(self, kind: str) -> None:
+        self.quotas.labels(kind).inc()
 
     def start(self, host: str, port: int) -> None:
         import prometheus_client as prom

@@ -427,12 +427,29 @@ def parse_ratelimit(
         if not isinstance(options["fail_open"], bool):
             raise ConfigError("ratelimit: fail_open must be true or false")
         limits["fail_open"] = options["fail_open"]
+    if spec.lower() != "memory" and "max_entries" in options:
+        raise ConfigError("ratelimit: max_entries applies to the memory store only")
+    store = open_store(spec, options, state_dir=state_dir, username=username)
+    return LoginLimiter(store, hold=hold, **limits)
+
+
+def open_store(
+    spec: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    state_dir: str | None = None,
+    username: str | None = None,
+) -> Store:
+    """The store a --ratelimit SPEC names ("off": the default, sqlite). The guessing
+    limits and the quotas (ofmipd/quota.py) both count in it."""
+    options = dict(options or {})
+    spec = (spec or DEFAULT_STORE).strip()
+    if spec.lower() in ("off", "none"):
+        spec = DEFAULT_STORE
     kind = spec.lower()
     redis = kind.startswith(("redis://", "rediss://", "unix://"))
     if not redis and ("timeout" in options or "key_prefix" in options):
         raise ConfigError("ratelimit: timeout and key_prefix apply to redis:// stores only")
-    if kind != "memory" and "max_entries" in options:
-        raise ConfigError("ratelimit: max_entries applies to the memory store only")
     store: Store
     if kind == "memory":
         max_entries = _number("max_entries", options.get("max_entries", 100_000), integer=True)
@@ -457,7 +474,7 @@ def parse_ratelimit(
             f"ratelimit: unknown store {redact_url(spec)!r} "
             "(use sqlite, memory, redis://HOST:PORT/DB or off)"
         )
-    return LoginLimiter(store, hold=hold, **limits)
+    return store
 
 
 def _number(name: str, value: Any, integer: bool = False) -> float:

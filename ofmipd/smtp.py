@@ -41,6 +41,7 @@ from ofmipd.replies import REPLY_INTERNAL, REPLY_NEED_AUTH, REPLY_NEED_TLS, rewr
 
 if TYPE_CHECKING:
     from ofmipd.app import App
+    from ofmipd.quota import Holds
     from ofmipd.relay import Transaction
 
 log = logging.getLogger("ofmipd.smtp")
@@ -109,6 +110,7 @@ class SubmissionProtocol(SMTP):
         self.busy = False
         self.draining = False
         self.relay_transaction: Transaction | None = None  # --relay: open downstream
+        self.quota_holds: Holds | None = None  # --quota: this transaction's reservations
         self._init_aiosmtpd(app, implicit_tls)
         self.ended: asyncio.Future[None] = self.loop.create_future()  # the end line is out
         self.timer = IdleTimer(
@@ -262,8 +264,10 @@ class SubmissionProtocol(SMTP):
             self.transport.close()
 
     def _set_post_data_state(self) -> None:
-        """Every end of a transaction (RSET, EHLO, HELO, after DATA) ends the relay's too."""
+        """Every end of a transaction (RSET, EHLO, HELO, after DATA) ends the relay's too,
+        and settles its quota holds (charged only if delivery said 250)."""
         self.end_relay_transaction()
+        self.end_quota_holds()
         super()._set_post_data_state()
 
     def end_relay_transaction(self) -> None:
@@ -271,8 +275,14 @@ class SubmissionProtocol(SMTP):
         if transaction is not None:
             transaction.abort()
 
+    def end_quota_holds(self) -> None:
+        holds, self.quota_holds = self.quota_holds, None
+        if holds is not None and self.app.quotas is not None:
+            self.app.quotas.end(holds)
+
     def connection_lost(self, error: Exception | None) -> None:
         self.end_relay_transaction()
+        self.end_quota_holds()
         if self.ended.done():  # called already (smtp_STARTTLS does, after a failed handshake)
             return
         try:
@@ -614,6 +624,10 @@ class SubmissionHandler:
                 printable(address),
             )
             return f"553 5.7.1 <{address}>: Sender address not owned by user {session.user}"
+        if self.app.quotas is not None:
+            refusal = await self.over_quota(server, session, "messages")
+            if refusal is not None:
+                return refusal
         if self.app.relay is not None:
             from ofmipd.relay import Identity
 
@@ -624,6 +638,7 @@ class SubmissionHandler:
             )
             reply, transaction = await self.app.relay.begin(identity, address, mail_options)
             if transaction is None:
+                server.end_quota_holds()
                 return reply
             server.relay_transaction = transaction
         else:
@@ -642,10 +657,16 @@ class SubmissionHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.app.config.max_recipients:
             return "452 4.5.3 Too many recipients"
+        if self.app.quotas is not None:
+            refusal = await self.over_quota(server, session, "recipients")
+            if refusal is not None:
+                return refusal
         reply = "250 2.1.5 Recipient OK"
         if server.relay_transaction is not None:
             reply = await server.relay_transaction.rcpt(address)  # the downstream's verdict
             if not reply.startswith("2"):
+                if server.quota_holds is not None and self.app.quotas is not None:
+                    self.app.quotas.release_last(server.quota_holds)
                 return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -674,6 +695,26 @@ class SubmissionHandler:
         reply = await self.app.delivery.deliver(submission)
         self.delivered(server, submission, len(content), reply)
         return reply
+
+    async def over_quota(
+        self, server: SubmissionProtocol, session: SubmissionSession, counts: str
+    ) -> str | None:
+        """Reserve this message (MAIL) or recipient (RCPT) against --quota, or refuse it."""
+        quotas = self.app.quotas
+        assert quotas is not None
+        holds = server.quota_holds
+        if holds is None:
+            from ofmipd.quota import Holds
+
+            holds = server.quota_holds = Holds()
+        user = session.user if session.authenticated else None
+        refusal = await quotas.check(holds, counts, user, server.client.ip, server.session_id)
+        if refusal is None:
+            return None
+        self.app.metrics.quota_exceeded(refusal.kind)
+        if counts == "messages":
+            server.end_quota_holds()  # MAIL refused: no transaction
+        return refusal.reply
 
     # The steps of handle_DATA, which relay_stream.py takes too, in the same order.
 
@@ -748,6 +789,8 @@ class SubmissionHandler:
             reply[:3],
         )
         if reply.startswith("250"):
+            if server.quota_holds is not None:
+                server.quota_holds.accepted = True  # charged when the transaction ends
             server.messages += 1
             server.errors = 0  # Postfix's limit counts errors "without delivering mail"
         else:

@@ -128,6 +128,8 @@ async def run_session(app: App) -> None:
     try:
         await _serve(app)
     finally:
+        if app.quotas is not None:
+            await app.quotas.drain()  # a message's charge must land before the process ends
         if app.relay is not None:
             app.relay.close()  # QUIT to the MTA, as a daemon says it when stopping
             await asyncio.sleep(0)  # the loop closes the sockets it flushed

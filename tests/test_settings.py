@@ -58,6 +58,8 @@ def example(setting: Setting) -> tuple[list[str], object]:
         return [], value
     if setting.choices:
         return [setting.choices[-1]], setting.choices[-1]
+    if setting.metavar == "KIND:LIMIT/WINDOW":  # --quota and [[quota]] tables
+        return ["user-messages:5/1h"], [{"kind": "user-messages", "limit": 5, "window": "1h"}]
     text = {int: "7", float: "2.5"}.get(setting.value_type, "/srv/example")
     if "HOST:PORT" in (setting.metavar or ""):
         text = "[::1]:2525"
