@@ -18,6 +18,7 @@ from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
 
 if TYPE_CHECKING:
+    from ofmipd.policy_client import PolicyClients
     from ofmipd.ratelimit import LoginLimiter
     from ofmipd.rules import Rules
 
@@ -163,4 +164,18 @@ def build_app(config: Config, previous: App | None = None) -> App:
         from ofmipd.identity import Networks
 
         app.tls_terminators = Networks.parse(config.tls_in_front, option="--tls-in-front")
+    if config.policy:
+        app.policy_clients = build_policy_clients(config)
     return app
+
+
+def build_policy_clients(config: Config) -> PolicyClients:
+    from ofmipd import policy_client
+
+    defaults = {
+        "timeout": config.policy_timeout,
+        "default_action": config.policy_default_action,
+        "max_idle": config.policy_max_idle,
+        "max_ttl": config.policy_max_ttl,
+    }
+    return policy_client.build(config.policy, defaults)
