@@ -80,7 +80,8 @@ def parse_action(action: str) -> Action:
     word, _, rest = action.strip().partition(" ")
     rest = rest.strip()
     keyword = word.upper()
-    if keyword == "OK" or (word.isascii() and word.isdigit() and not _NUMERIC.match(action)):
+    whole = action.strip()
+    if keyword == "OK" or (whole.isascii() and whole.isdigit() and not _NUMERIC.match(whole)):
         return Action("permit")
     if keyword == "DUNNO":
         return Action("dunno")
