@@ -122,8 +122,7 @@ class Postfwd:
         # log then goes to the policy connection itself.
         subprocess.run(
             ["postfwd1", "-d", "-f", str(self.rules), "-i", "127.0.0.1", "-p", str(self.port),
-             "-u", "nobody", "-g", "nogroup", "--pidfile", str(self.pidfile), "-n",
-             "--cache", "0"],
+             "-u", "nobody", "-g", "nogroup", "--pidfile", str(self.pidfile)],
             check=True, timeout=30, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         wait_for_port("127.0.0.1", self.port)
