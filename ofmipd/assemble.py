@@ -175,7 +175,5 @@ def build_policy_clients(config: Config) -> PolicyClients:
     defaults = {
         "timeout": config.policy_timeout,
         "default_action": config.policy_default_action,
-        "max_idle": config.policy_max_idle,
-        "max_ttl": config.policy_max_ttl,
     }
     return policy_client.build(config.policy, defaults)

@@ -61,29 +61,6 @@ class BackendSpec(NamedTuple):
         return f"{self.kind} {self.arg}" if self.arg else self.kind
 
 
-class PolicySpec:
-    """One policy service: from --policy (`service` only) or a [[policy]] table
-    (`options`: timeout, default_action, at_mail, max_idle, max_ttl), checked by
-    ofmipd.policy_client when the App is built. A plain class, as Listen."""
-
-    __slots__ = ("service", "options")
-
-    def __init__(self, service: str, options: Mapping[str, Any] = MappingProxyType({})) -> None:
-        self.service = service
-        self.options = options
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PolicySpec):
-            return NotImplemented
-        return (self.service, dict(self.options)) == (other.service, dict(other.options))
-
-    def __hash__(self) -> int:
-        return hash(self.service)
-
-    def __repr__(self) -> str:
-        return f"PolicySpec({self.service!r}, {dict(self.options)!r})"
-
-
 class Config(NamedTuple):
     listen: tuple[Listen, ...] = ()
     one_session: bool = False
@@ -135,11 +112,11 @@ class Config(NamedTuple):
     add_message_id: bool = True  # RFC 6409 §8.3, authenticated sessions only
     add_date: bool = True  # RFC 6409 §8.2, likewise
     check_header_from: bool = False  # header From/Sender must be the login's (--sender-map)
-    policy: tuple[PolicySpec, ...] = ()  # --policy services, asked in order
+    # --policy services in order, as BackendSpec("policy", SERVICE, [[policy]] options):
+    # one more record class would cost every start-up; ofmipd.policy_client checks them.
+    policy: tuple[BackendSpec, ...] = ()
     policy_timeout: float = 10.0  # see ofmipd.policy_client.DEFAULT_TIMEOUT
     policy_default_action: str = "451 4.3.5 Server configuration problem"
-    policy_max_idle: float = 300.0
-    policy_max_ttl: float = 1000.0
     source: str = "command line"
 
     @property
@@ -307,15 +284,19 @@ def _cidr_list(value: str | list[Any]) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _policy_specs(value: str | list[Any]) -> tuple[PolicySpec, ...]:
+def _policy_spec(service: str) -> BackendSpec:
+    return BackendSpec("policy", service)
+
+
+def _policy_specs(value: str | list[Any]) -> tuple[BackendSpec, ...]:
     """TOML policy = "inet:..." | [[policy]] tables (service = "...", other options)."""
     specs = []
     for entry in [value] if isinstance(value, str) else value:
         if isinstance(entry, str):
-            specs.append(PolicySpec(entry))
+            specs.append(_policy_spec(entry))
         elif isinstance(entry, dict) and isinstance(entry.get("service"), str):
             options = dict(entry)
-            specs.append(PolicySpec(options.pop("service"), MappingProxyType(options)))
+            specs.append(BackendSpec("policy", options.pop("service"), options))
         else:
             raise ConfigError('[[policy]] needs service = "inet:HOST:PORT" or "unix:PATH"')
     return tuple(specs)
@@ -526,7 +507,7 @@ SETTINGS = (
             "ask this Postfix policy server at RCPT and end of message (repeatable, asked in "
             "order; the first answer other than DUNNO decides)", LIMITS,
             metavar="inet:HOST:PORT|unix:PATH", toml="policy", toml_type=(list, str),
-            repeat=True, from_flag=PolicySpec, from_toml=_policy_specs),
+            repeat=True, from_flag=_policy_spec, from_toml=_policy_specs),
     Setting("policy_timeout", ("--policy-timeout",),
             "time allowed for each policy answer (default 10)",
             LIMITS, float, "SECONDS", toml="policy_timeout"),
@@ -534,12 +515,6 @@ SETTINGS = (
             "the reply when a policy server is down, slow or answers nonsense (default "
             "'451 4.3.5 Server configuration problem'; DUNNO fails open)",
             LIMITS, metavar="ACTION", toml="policy_default_action"),
-    Setting("policy_max_idle", ("--policy-max-idle",),
-            "close a kept policy connection idle this long (default 300)",
-            LIMITS, float, "SECONDS", toml="policy_max_idle"),
-    Setting("policy_max_ttl", ("--policy-max-ttl",),
-            "open a new policy connection after this long (default 1000)",
-            LIMITS, float, "SECONDS", toml="policy_max_ttl"),
 )  # fmt: skip
 
 
@@ -627,4 +602,4 @@ def _check_processes(config: Config) -> None:
         )  # fmt: skip
 
 
-__all__ = ["BackendSpec", "Config", "ConfigError", "Listen", "PolicySpec"]
+__all__ = ["BackendSpec", "Config", "ConfigError", "Listen"]

@@ -357,16 +357,16 @@ class PolicyClients:
 
 
 def build(specs: tuple[Any, ...], defaults: Mapping[str, Any]) -> PolicyClients:
-    """The services of --policy flags and [[policy]] tables; `defaults` holds the
-    --policy-* settings a table may override."""
+    """The services of --policy flags and [[policy]] tables (config.BackendSpec, kind
+    "policy"); `defaults` holds the --policy-* settings a table may override."""
     services = []
     for spec in specs:
         options = dict(defaults)
         options.update(spec.options)
-        options["service"] = spec.service
+        options["service"] = spec.arg
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
-            raise ConfigError(f"[[policy]] {spec.service}: unknown setting {unknown[0]!r}")
+            raise ConfigError(f"[[policy]] {spec.arg}: unknown setting {unknown[0]!r}")
         try:
             service = PolicyService(
                 str(options.pop("service")),
@@ -377,6 +377,6 @@ def build(specs: tuple[Any, ...], defaults: Mapping[str, Any]) -> PolicyClients:
                 max_ttl=float(options.get("max_ttl", DEFAULT_MAX_TTL)),
             )
         except (TypeError, ValueError) as error:
-            raise ConfigError(f"[[policy]] {spec.service}: {error}") from None
+            raise ConfigError(f"[[policy]] {spec.arg}: {error}") from None
         services.append(service)
     return PolicyClients(tuple(services))

@@ -437,10 +437,25 @@ def test_a_kept_connection_is_reused_and_retried_once_when_broken(
     assert len(policy.requests) == 5
 
 
+def test_max_idle_closes_a_kept_connection(tmp_path: Path, users: Path, capture: Path) -> None:
+    with ScriptedPolicy(dunno) as policy:
+        config = tmp_path / "ofmipd.toml"
+        config.write_text(f'[[policy]]\nservice = "{policy.service}"\nmax_idle = 0.2\n')
+        with start_daemon(tmp_path, users, capture, "--config", str(config)) as daemon:
+            smtp = login(daemon)
+            smtp.mail(SENDER)
+            assert smtp.rcpt(RCPT)[0] == 250
+            time.sleep(0.3)  # idle longer than max_idle between RCPT and END-OF-MESSAGE
+            assert smtp.data(b"Subject: t\r\n\r\nhi\r\n")[0] == 250
+            smtp.quit()
+    assert policy.connections == 2
+
+
 def test_max_ttl_opens_a_new_connection(tmp_path: Path, users: Path, capture: Path) -> None:
     with ScriptedPolicy(dunno) as policy:
-        args = ("--policy", policy.service, "--policy-max-ttl", "0.2")
-        with start_daemon(tmp_path, users, capture, *args) as daemon:
+        config = tmp_path / "ofmipd.toml"
+        config.write_text(f'[[policy]]\nservice = "{policy.service}"\nmax_ttl = 0.2\n')
+        with start_daemon(tmp_path, users, capture, "--config", str(config)) as daemon:
             smtp = login(daemon)
             assert send(smtp, SENDER, RCPT)[0] == 250
             time.sleep(0.3)
