@@ -166,7 +166,17 @@ def build_app(config: Config, previous: App | None = None) -> App:
         app.tls_terminators = Networks.parse(config.tls_in_front, option="--tls-in-front")
     if config.policy:
         app.policy_clients = build_policy_clients(config)
+        if previous is not None and previous.policy_clients is not None:
+            # A reload keeps the kept connections when nothing about the services changed.
+            if policy_settings(previous.config) == policy_settings(config):
+                app.policy_clients = previous.policy_clients
+            else:
+                previous.policy_clients.close()
     return app
+
+
+def policy_settings(config: Config) -> tuple[Any, ...]:
+    return (config.policy, config.policy_timeout, config.policy_default_action)
 
 
 def build_policy_clients(config: Config) -> PolicyClients:

@@ -5,6 +5,7 @@ each access(5) action, garbage, hostile attribute values, kept connections, time
 from __future__ import annotations
 
 import asyncio
+import signal
 import smtplib
 import socket
 import subprocess
@@ -614,3 +615,24 @@ def test_bad_policy_configuration_is_one_line_and_exit_2(
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def test_a_reload_keeps_the_connection_unless_the_services_changed(
+    tmp_path: Path, users: Path, capture: Path
+) -> None:
+    with ScriptedPolicy(dunno) as first, ScriptedPolicy(action("REJECT second")) as second:
+        config = tmp_path / "ofmipd.toml"
+        config.write_text(f'policy = "{first.service}"\n')
+        with start_daemon(tmp_path, users, capture, "-L", "--config", str(config)) as daemon:
+            assert send(login(daemon), SENDER, RCPT)[0] == 250
+            daemon.proc.send_signal(signal.SIGHUP)
+            daemon.wait_for_log("configuration reloaded")
+            assert send(login(daemon), SENDER, RCPT)[0] == 250
+            assert first.connections == 1  # kept across the reload
+            config.write_text(f'policy = "{second.service}"\n')
+            daemon.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while daemon.log_text().count("configuration reloaded") < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert send(login(daemon), SENDER, RCPT) == (554, b"5.7.1 second")
