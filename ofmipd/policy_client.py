@@ -33,6 +33,7 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_IDLE = 300.0  # Postfix's smtpd_policy_service_max_idle
 DEFAULT_MAX_TTL = 1000.0  # Postfix's smtpd_policy_service_max_ttl
 REPLY_LIMIT = 4096  # octets of one reply; longer is a broken or hostile server
+REPLY_TEXT_LIMIT = 998  # an action's characters: an SMTP reply or header line at most
 IDLE_PER_SERVICE = 16  # idle connections kept per service
 
 # access(5) actions ofmipd cannot carry out: the message is not queued here.
@@ -77,6 +78,8 @@ def _smtp_reply(code: str, text: str, default_dsn: str) -> str:
 
 def parse_action(action: str) -> Action:
     """An access(5) action as a policy server answers it (case does not matter)."""
+    if _CONTROL.search(action.strip()) or len(action) > REPLY_TEXT_LIMIT:
+        return Action("garbage")  # it would end or break the SMTP reply line it becomes
     word, _, rest = action.strip().partition(" ")
     rest = rest.strip()
     keyword = word.upper()

@@ -695,6 +695,7 @@ class SubmissionHandler:
                 printable(address),
             )
             return f"553 5.7.1 <{address}>: Sender address not owned by user {session.user}"
+        server.policy_instance, server.policy_headers = None, []  # a new transaction
         refusal = await server.policy_refusal(
             "MAIL", sender=address, size=announced_size(mail_options)
         )

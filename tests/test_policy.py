@@ -82,6 +82,10 @@ def login(daemon: Daemon, user: str = "alice") -> smtplib.SMTP:
         ("permit_mynetworks", "garbage", ""),
         ("", "garbage", ""),
         ("250 fine", "garbage", ""),
+        ("REJECT a\rb", "garbage", ""),  # a CR would split the SMTP reply
+        ("REJECT \x00", "garbage", ""),
+        ("PREPEND X-A: b\x0bc", "garbage", ""),
+        ("REJECT " + "x" * 1000, "garbage", ""),
     ],
 )
 def test_actions_read_as_access5_defines_them(text: str, kind: str, reply: str) -> None:
@@ -194,6 +198,7 @@ def test_tls_attributes_name_the_protocol_and_cipher(
         ("FILTER smtp:[127.0.0.1]:10025", 451, b"4.3.5 Server configuration problem"),
         ("what is this", 451, b"4.3.5 Server configuration problem"),
         ("PREPEND no colon here", 451, b"4.3.5 Server configuration problem"),
+        ("REJECT x\r250 2.0.0 fake", 451, b"4.3.5 Server configuration problem"),
     ],
 )
 def test_each_refusing_action_is_the_rcpt_reply_and_nothing_is_sent(
