@@ -61,29 +61,25 @@ class Action:
         self.reply = reply  # the SMTP reply line, for kinds that refuse
         self.text = text  # the header (prepend) or the text to log
 
-    @property
-    def disconnect(self) -> bool:
-        return self.reply[:3] in ("421", "521")
-
     def __repr__(self) -> str:
         return f"Action({self.kind!r}, {self.reply!r}, {self.text!r})"
 
 
 def _smtp_reply(code: str, text: str, default_dsn: str) -> str:
     text = text.strip()
-    if not _ENHANCED.match(text):
+    if not (_ENHANCED.match(text) and text[0] == code[0]):  # RFC 3463: the classes agree
         text = f"{default_dsn} {text}".rstrip()
     return f"{code} {text}"
 
 
 def parse_action(action: str) -> Action:
     """An access(5) action as a policy server answers it (case does not matter)."""
-    if _CONTROL.search(action.strip()) or len(action) > REPLY_TEXT_LIMIT:
+    whole = action.strip()
+    if _CONTROL.search(whole) or len(whole) > REPLY_TEXT_LIMIT:
         return Action("garbage")  # it would end or break the SMTP reply line it becomes
-    word, _, rest = action.strip().partition(" ")
+    word, _, rest = whole.partition(" ")
     rest = rest.strip()
     keyword = word.upper()
-    whole = action.strip()
     if keyword == "OK" or (whole.isascii() and whole.isdigit() and not _NUMERIC.match(whole)):
         return Action("permit")
     if keyword == "DUNNO":
@@ -99,7 +95,7 @@ def parse_action(action: str) -> Action:
         return Action(keyword.lower(), reply)
     if keyword == "PREPEND":
         return Action("prepend", text=rest) if _HEADER.match(rest) else Action("garbage")
-    numeric = _NUMERIC.match(action.strip())
+    numeric = _NUMERIC.match(whole)
     if numeric:
         first, digits, text = numeric.groups()
         return Action("reply", _smtp_reply(first + digits, text or "", f"{first}.7.1"))

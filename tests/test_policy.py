@@ -19,6 +19,7 @@ from ofmipd.errors import ConfigError
 from ofmipd.policy_client import (
     DEFAULT_ACTION,
     PolicyClients,
+    PolicyDecision,
     PolicyService,
     encode_request,
     parse_action,
@@ -68,6 +69,7 @@ def login(daemon: Daemon, user: str = "alice") -> smtplib.SMTP:
         ("DEFER_IF_REJECT hm", "defer_if_reject", "450 4.7.1 hm"),
         ("450 4.7.1 sorry", "reply", "450 4.7.1 sorry"),
         ("550 no", "reply", "550 5.7.1 no"),
+        ("REJECT 2.0.0 odd", "reply", "554 5.7.1 2.0.0 odd"),  # the classes must agree
         ("421 4.7.0 bye", "reply", "421 4.7.0 bye"),
         ("521 bye", "reply", "521 5.7.1 bye"),
         ("PREPEND X-Tag: one", "prepend", ""),
@@ -94,9 +96,10 @@ def test_actions_read_as_access5_defines_them(text: str, kind: str, reply: str) 
 
 
 def test_421_and_521_disconnect() -> None:
-    assert parse_action("421 4.7.0 bye").disconnect
-    assert parse_action("521 bye").disconnect
-    assert not parse_action("450 later").disconnect
+    assert PolicyDecision(parse_action("421 4.7.0 bye").reply).disconnect
+    assert PolicyDecision(parse_action("521 bye").reply).disconnect
+    assert not PolicyDecision(parse_action("450 later").reply).disconnect
+    assert not PolicyDecision(None).disconnect
 
 
 def test_service_notation_is_postfixs() -> None:
