@@ -27,6 +27,7 @@ from ofmipd.policy_client import (
 )
 from tests.loop_ticker import with_ticker
 from tests.ofmipd_server import (
+    CAPTURE,
     Daemon,
     authfile,
     captured_messages,
@@ -644,3 +645,45 @@ def test_a_reload_keeps_the_connection_unless_the_services_changed(
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             assert send(login(daemon), SENDER, RCPT) == (554, b"5.7.1 second")
+
+
+def test_one_session_mode_asks_with_the_launchers_client(tmp_path: Path, capture: Path) -> None:
+    """ofmipd -1 under tcpserver: the client comes from the environment, a refusal at
+    END-OF-MESSAGE is the reply, and the process ends cleanly."""
+
+    def answer(request: Request) -> bytes:
+        if request["protocol_state"] == "END-OF-MESSAGE":
+            return b"action=DEFER 4.7.1 later please\n\n"
+        return b"action=DUNNO\n\n"
+
+    users = authfile(tmp_path, "alice:secret\n")
+    commands = [b"EHLO client.test", b"AUTH PLAIN AGFsaWNlAHNlY3JldA==",
+                b"MAIL FROM:<alice@example.org>", b"RCPT TO:<bob@example.net>", b"DATA",
+                b"Subject: x\r\n\r\nhi\r\n.", b"QUIT"]  # fmt: skip
+    env = server_env(CAPTURE_DIR=str(capture), TCPREMOTEIP="192.0.2.7", TCPREMOTEPORT="5555",
+                     TCPLOCALIP="192.0.2.1", TCPLOCALPORT="587", PROTO="TCP")  # fmt: skip
+    with ScriptedPolicy(answer) as policy:
+        args = ("-1", "-a", str(users), "--sendmail", CAPTURE, "--policy", policy.service,
+                "--no-reverse-dns")  # fmt: skip
+        proc = subprocess.Popen(
+            ofmipd_command(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert proc.stdin is not None and proc.stdout is not None
+        replies = []
+        for command in [None, *commands]:  # the banner, then one reply per command
+            if command is not None:
+                proc.stdin.write(command + b"\r\n")
+                proc.stdin.flush()
+            while True:
+                line = proc.stdout.readline()
+                replies.append(line)
+                if line[3:4] != b"-":
+                    break
+        assert proc.wait(20) == 0
+    assert b"450 4.7.1 later please\r\n" in replies
+    assert captured_messages(capture) == []
+    rcpt = policy.requests[0]
+    assert (rcpt["client_address"], rcpt["client_port"]) == ("192.0.2.7", "5555")
+    assert (rcpt["server_address"], rcpt["server_port"]) == ("192.0.2.1", "587")
+    assert rcpt["client_name"] == "unknown"
