@@ -522,11 +522,11 @@ def test_a_policy_timeout_gives_the_default_action_in_time(
 
 
 def test_the_client_never_blocks_the_event_loop(tmp_path: Path) -> None:
-    """Asked in-process while the server takes 0.5 s: the loop stays on time."""
+    """Asked in-process while the server takes 1 s: the loop stays on time."""
     release = threading.Event()
 
     def answer(request: Request) -> bytes:
-        release.wait(0.5)
+        release.wait(1.0)
         return b"action=REJECT slow no\n\n"
 
     async def ask() -> str | None:
@@ -540,7 +540,7 @@ def test_the_client_never_blocks_the_event_loop(tmp_path: Path) -> None:
     with ScriptedPolicy(answer) as policy:
         reply, worst = asyncio.run(with_ticker(ask()))
     assert reply == "554 5.7.1 slow no"
-    assert worst < 0.2
+    assert worst < 0.4, f"event loop stalled {worst * 1000:.0f} ms"  # a blocking client: 1 s
 
 
 def test_unix_socket_service(tmp_path: Path, users: Path, capture: Path) -> None:
