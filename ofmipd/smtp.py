@@ -627,7 +627,8 @@ class SubmissionProtocol(SMTP):
             "queue_id": queue_id,
             "sender": envelope.mail_from if sender is None else sender,
             "recipient": recipient,
-            "recipient_count": len(envelope.rcpt_tos),
+            # SMTPD_POLICY_README: "non-zero only in the DATA and END-OF-MESSAGE stages"
+            "recipient_count": len(envelope.rcpt_tos) if state == "END-OF-MESSAGE" else 0,
             "client_address": self.client.ip,
             "client_name": name,
             "reverse_client_name": name,
@@ -638,7 +639,7 @@ class SubmissionProtocol(SMTP):
             "size": size,
             "encryption_protocol": ssl_object.version() if ssl_object is not None else "",
             "encryption_cipher": cipher[0] if cipher else "",
-            "encryption_keysize": cipher[2] if cipher else "",
+            "encryption_keysize": cipher[2] if cipher else 0,  # 0 in plaintext, as Postfix
             "server_address": self.client.local_ip,
             "server_port": self.client.local_port or "",
         }

@@ -139,10 +139,12 @@ def test_every_attribute_is_sent_and_instance_is_one_per_message(
             smtp = login(daemon)
             smtp.ehlo("client.example")
             assert send(smtp, SENDER, RCPT)[0] == 250
-            assert send(smtp, SENDER, RCPT)[0] == 250
+            smtp.sendmail(SENDER, [RCPT, "carol@example.net"], b"Subject: two\r\n\r\nhi\r\n")
             smtp.quit()
-    rcpt, eom, rcpt2, eom2 = policy.requests
-    assert policy.states() == ["RCPT", "END-OF-MESSAGE", "RCPT", "END-OF-MESSAGE"]
+    rcpt, eom, rcpt2, rcpt3, eom2 = policy.requests
+    assert policy.states() == ["RCPT", "END-OF-MESSAGE", "RCPT", "RCPT", "END-OF-MESSAGE"]
+    assert (rcpt3["recipient"], rcpt3["recipient_count"]) == ("carol@example.net", "0")
+    assert (eom2["recipient"], eom2["recipient_count"]) == ("", "2")  # only when just one
     expected = {
         "request": "smtpd_access_policy",
         "protocol_name": "ESMTP",
@@ -155,6 +157,8 @@ def test_every_attribute_is_sent_and_instance_is_one_per_message(
         "sasl_method": "CRAM-MD5",
         "sasl_username": "alice",
         "encryption_protocol": "",
+        "encryption_cipher": "",
+        "encryption_keysize": "0",  # plaintext, as SMTPD_POLICY_README says
     }
     for name, value in expected.items():
         assert rcpt[name] == value, name
@@ -163,11 +167,13 @@ def test_every_attribute_is_sent_and_instance_is_one_per_message(
                  "encryption_keysize"):  # fmt: skip
         assert name in rcpt, name
     assert rcpt["client_port"].isdigit()
+    # non-zero only at END-OF-MESSAGE (SMTPD_POLICY_README)
     assert (rcpt["recipient_count"], eom["recipient_count"]) == ("0", "1")
     assert rcpt["queue_id"] == "" and len(eom["queue_id"]) == 16
     assert eom["queue_id"].encode() in captured_messages(capture)[0][1]
     assert int(eom["size"]) > 0
-    assert rcpt["instance"] == eom["instance"] != rcpt2["instance"] == eom2["instance"]
+    assert rcpt["instance"] == eom["instance"] != rcpt2["instance"] == rcpt3["instance"]
+    assert rcpt3["instance"] == eom2["instance"]
 
 
 def test_tls_attributes_name_the_protocol_and_cipher(
