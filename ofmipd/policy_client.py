@@ -94,7 +94,7 @@ def parse_action(action: str) -> Action:
         reply = _smtp_reply("450", rest or "Try again later", "4.7.1")
         return Action(keyword.lower(), reply)
     if keyword == "PREPEND":
-        return Action("prepend", text=rest) if _HEADER.match(rest) else Action("garbage")
+        return Action("prepend", text=rest)  # checked where it is used: _action
     numeric = _NUMERIC.match(whole)
     if numeric:
         first, digits, text = numeric.groups()
@@ -334,13 +334,19 @@ class PolicyClients:
             )  # fmt: skip
             return parse_action(service.default_action)
         action = parse_action(text)
+        unusable = _unusable_prepend(action, state)
+        if unusable is not None:
+            # As Postfix's smtpd_check.c: a warning, and the answer counts as DUNNO.
+            log.warning(
+                "session %s: policy %s at %s answered %s: %s; taken as DUNNO",
+                session, service.name, state, printable(text), unusable,
+            )  # fmt: skip
+            return Action("dunno")
         problem = None
         if action.kind == "garbage":
             problem = "unknown or malformed action"
         elif action.kind == "unsupported":
             problem = f"{action.text} cannot be done by a submission front-end"
-        elif action.kind == "prepend" and state == "END-OF-MESSAGE":
-            problem = "PREPEND after the message's header is gone"  # as Postfix refuses it
         if problem is not None:
             log.warning(
                 "session %s: policy %s at %s answered %s: %s; default action %s",
@@ -353,6 +359,17 @@ class PolicyClients:
                 session, service.name, state, printable(text),
             )  # fmt: skip
         return action
+
+
+def _unusable_prepend(action: Action, state: str) -> str | None:
+    """Why a PREPEND cannot be done, or None (also for other actions)."""
+    if action.kind != "prepend":
+        return None
+    if not _HEADER.match(action.text):
+        return "not a header"
+    if state == "END-OF-MESSAGE":
+        return "too late, the header is gone"
+    return None
 
 
 def build(specs: tuple[Any, ...], defaults: Mapping[str, Any]) -> PolicyClients:
