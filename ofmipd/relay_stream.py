@@ -9,11 +9,11 @@ memory). The rules of the message itself (end marker, dots, bare newlines, limit
 data.py's, the same as for the other targets.
 
 The policy services' END-OF-MESSAGE question and then the throttle script come once the
-whole message is in, before the final dot. Whatever
-stops the message before its end (too big, a refused header, the throttle, a downstream
-failure, the client gone) closes the downstream connection without the final dot, so
-the MTA throws the partial message away. The rest of the client's message is still
-read, and the client hears 250 only after the downstream's reply to the dot.
+whole message is in, before the final dot. Whatever stops the message before its end
+(too big, a refused header, a policy refusal, the throttle, a downstream failure, the
+client gone) closes the downstream connection without the final dot, so the MTA throws
+the partial message away. The rest of the client's message is still read, and the
+client hears 250 only after the downstream's reply to the dot.
 """
 
 from __future__ import annotations

@@ -598,7 +598,8 @@ class SubmissionProtocol(SMTP):
             return None
         attributes = await self.policy_attributes(state, sender, recipient, size, queue_id)
         decision = await clients.check(attributes, self.session_id)
-        self.policy_headers.extend(decision.prepend)
+        if decision.reply is None:  # a refused recipient's headers go with it
+            self.policy_headers.extend(decision.prepend)
         if decision.disconnect:
             self.close_after_reply = True
             self.result = "policy-disconnect"
@@ -632,7 +633,7 @@ class SubmissionProtocol(SMTP):
             "client_address": self.client.ip,
             "client_name": name,
             "reverse_client_name": name,
-            "client_port": self.client.port or "",
+            "client_port": self.client.port or 0,  # numbers unknown are 0, as Postfix
             "instance": self.policy_instance,
             "sasl_method": session.mechanism or "",
             "sasl_username": session.user or "",
@@ -641,7 +642,7 @@ class SubmissionProtocol(SMTP):
             "encryption_cipher": cipher[0] if cipher else "",
             "encryption_keysize": cipher[2] if cipher else 0,  # 0 in plaintext, as Postfix
             "server_address": self.client.local_ip,
-            "server_port": self.client.local_port or "",
+            "server_port": self.client.local_port or 0,
         }
 
     async def reverse_name(self) -> str | None:

@@ -703,3 +703,29 @@ def test_one_session_mode_asks_with_the_launchers_client(tmp_path: Path, capture
     assert (rcpt["client_address"], rcpt["client_port"]) == ("192.0.2.7", "5555")
     assert (rcpt["server_address"], rcpt["server_port"]) == ("192.0.2.1", "587")
     assert rcpt["client_name"] == "unknown"
+
+
+def test_a_refused_recipients_prepend_is_not_added(
+    tmp_path: Path, users: Path, capture: Path
+) -> None:
+    def first_answer(request: Request) -> bytes:
+        if request["protocol_state"] == "RCPT":
+            return f"action=PREPEND X-For: {request['recipient']}\n\n".encode()
+        return b"action=DUNNO\n\n"
+
+    def second_answer(request: Request) -> bytes:
+        if request["recipient"] == "no@example.net":
+            return b"action=REJECT not this one\n\n"
+        return b"action=DUNNO\n\n"
+
+    with ScriptedPolicy(first_answer) as first, ScriptedPolicy(second_answer) as second:
+        args = ("--policy", first.service, "--policy", second.service)
+        with start_daemon(tmp_path, users, capture, *args) as daemon:
+            smtp = login(daemon)
+            smtp.mail(SENDER)
+            assert smtp.rcpt("no@example.net")[0] == 554
+            assert smtp.rcpt(RCPT)[0] == 250
+            assert smtp.data(b"Subject: t\r\n\r\nhi\r\n")[0] == 250
+            smtp.quit()
+    ((_, message),) = captured_messages(capture)
+    assert message.startswith(f"X-For: {RCPT}\r\nReceived: ".encode())
