@@ -188,7 +188,7 @@ report: False
 delay_to_close: 300
 """
         )
-        self.log = open(workdir / "policyd-rate-limit.log", "wb")
+        self.log_path = workdir / "policyd-rate-limit.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -196,21 +196,21 @@ delay_to_close: 300
         return f"inet:127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["policyd-rate-limit", "-f", str(self.config)],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
-        )  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["policyd-rate-limit", "-f", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
         wait_for_port("127.0.0.1", self.port, self.proc)
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
 
 
 def send(

@@ -116,13 +116,22 @@ def test_policyd_rate_limit_defers_the_login_over_its_limit_and_not_another(
     assert len(captured_messages(capture)) == 4
 
 
+def dunno_daemon(kind: str, workdir: Path) -> Postfwd | RateLimitDaemon:
+    """A daemon that lets everything through: postfwd with one DUNNO rule, or
+    policyd-rate-limit with a limit never reached."""
+    if kind == "postfwd":
+        return Postfwd(workdir, "id=ANY; action=DUNNO\n")
+    return RateLimitDaemon(workdir, limit=1000, window=60)
+
+
+@pytest.mark.parametrize("kind", ["postfwd", "policyd-rate-limit"])
 def test_a_stopped_policy_daemon_gives_the_default_action(
-    tmp_path: Path, workdir: Path, capture: Path
+    tmp_path: Path, workdir: Path, capture: Path, kind: str
 ) -> None:
-    postfwd = Postfwd(workdir, "id=ANY; action=DUNNO\n")
-    postfwd.start()
-    postfwd.stop()
-    with daemon_with(tmp_path, capture, "--policy", postfwd.service) as daemon:
+    daemon_ = dunno_daemon(kind, workdir)
+    daemon_.start()
+    daemon_.stop()
+    with daemon_with(tmp_path, capture, "--policy", daemon_.service) as daemon:
         alice = login(daemon, "alice")
         assert send(alice, "alice@example.org", RCPT) == DEFAULT
         alice.quit()
@@ -131,25 +140,26 @@ def test_a_stopped_policy_daemon_gives_the_default_action(
     assert re.search(r"policy inet:127\.0\.0\.1:\d+ at RCPT: .*default action 451 4\.3\.5", log)
 
 
+@pytest.mark.parametrize("kind", ["postfwd", "policyd-rate-limit"])
 def test_a_policy_daemon_killed_mid_session_then_restarted(
-    tmp_path: Path, workdir: Path, capture: Path
+    tmp_path: Path, workdir: Path, capture: Path, kind: str
 ) -> None:
-    postfwd = Postfwd(workdir, "id=ANY; action=DUNNO\n")
-    postfwd.start()
+    policy = dunno_daemon(kind, workdir)
+    policy.start()
     try:
-        with daemon_with(tmp_path, capture, "--policy", postfwd.service) as daemon:
+        with daemon_with(tmp_path, capture, "--policy", policy.service) as daemon:
             alice = login(daemon, "alice")
             assert send(alice, "alice@example.org", RCPT)[0] == 250  # the connection is kept
             alice.mail("alice@example.org")
             assert alice.rcpt(RCPT)[0] == 250
-            postfwd.stop(signal.SIGKILL)  # between RCPT and END-OF-MESSAGE
+            policy.stop(signal.SIGKILL)  # between RCPT and END-OF-MESSAGE
             assert alice.data(b"Subject: t\r\n\r\nhi\r\n") == DEFAULT
             assert send(alice, "alice@example.org", RCPT) == DEFAULT
-            postfwd.start()  # back on the same port: the same session sends again
+            policy.start()  # back on the same port: the same session sends again
             assert send(alice, "alice@example.org", RCPT)[0] == 250
             alice.quit()
     finally:
-        postfwd.stop()
+        policy.stop()
     assert len(captured_messages(capture)) == 2
 
 
