@@ -184,7 +184,8 @@ class PolicyService:
     def describe(self) -> str:
         return (
             f"{self.name} (timeout {self.timeout:g}s, default action {self.default_action!r}, "
-            f"asked at {'MAIL, ' if self.at_mail else ''}RCPT and END-OF-MESSAGE)"
+            f"asked at {'MAIL, ' if self.at_mail else ''}RCPT and END-OF-MESSAGE, connections "
+            f"kept {self.max_idle:g}s idle and {self.max_ttl:g}s in all)"
         )
 
     async def ask(self, request: bytes) -> str:

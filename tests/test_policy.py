@@ -603,18 +603,20 @@ def test_check_config_lists_the_policy_services(tmp_path: Path) -> None:
     config.write_text(
         'policy_timeout = 7\n[[policy]]\nservice = "inet:127.0.0.1:10040"\n'
         '[[policy]]\nservice = "unix:/run/p.sock"\nat_mail = true\n'
-        'default_action = "DUNNO"\n'
+        'default_action = "DUNNO"\nmax_idle = 30\n'
     )
     done = check_config(tmp_path, "--config", str(config))
     assert done.returncode == 0, done.stderr
     assert "policy services (in order" in done.stdout
     assert (
         "1. inet:127.0.0.1:10040 (timeout 7s, default action "
-        f"'{DEFAULT_ACTION}', asked at RCPT and END-OF-MESSAGE)" in done.stdout
+        f"'{DEFAULT_ACTION}', asked at RCPT and END-OF-MESSAGE, connections kept 300s idle and "
+        "1000s in all)" in done.stdout
     )
     assert "2. unix:/run/p.sock (timeout 7s, default action 'DUNNO', asked at MAIL, " in (
         done.stdout
     )
+    assert "kept 30s idle" in done.stdout
     assert "policy services: none" in check_config(tmp_path).stdout
 
 
