@@ -44,6 +44,12 @@ _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?: |\Z)")
 _HEADER = re.compile(r"[!-9;-~]+:[ \t]?[ -~\t]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 OPTIONS = ("service", "timeout", "default_action", "at_mail", "max_idle", "max_ttl")
+_NUMBER = (int, float)
+_OPTION_TYPES: tuple[tuple[str, Any, str], ...] = (
+    ("timeout", _NUMBER, "a number"), ("max_idle", _NUMBER, "a number"),
+    ("max_ttl", _NUMBER, "a number"), ("at_mail", bool, "true or false"),
+    ("default_action", str, "a string"),
+)  # fmt: skip
 
 
 class PolicyFailure(Exception):
@@ -52,7 +58,7 @@ class PolicyFailure(Exception):
 
 class Action:
     """One access(5) action, read. kind is one of: permit, dunno, reply, defer_if_permit,
-    defer_if_reject, prepend, log, unsupported."""
+    defer_if_reject, prepend, log, unsupported, garbage."""
 
     __slots__ = ("kind", "reply", "text")
 
@@ -384,16 +390,21 @@ def build(specs: tuple[Any, ...], defaults: Mapping[str, Any]) -> PolicyClients:
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ConfigError(f"[[policy]] {spec.arg}: unknown setting {unknown[0]!r}")
-        try:
-            service = PolicyService(
-                str(options.pop("service")),
+        for key, kind, what in _OPTION_TYPES:
+            value = options.get(key)
+            # TOML's true is an int to isinstance: a bool only where a bool is wanted.
+            if value is not None and (not isinstance(value, kind) or (
+                isinstance(value, bool) and kind is not bool
+            )):  # fmt: skip
+                raise ConfigError(f"[[policy]] {spec.arg}: {key} must be {what}")
+        services.append(
+            PolicyService(
+                str(options["service"]),
                 timeout=float(options.get("timeout", DEFAULT_TIMEOUT)),
-                default_action=str(options.get("default_action", DEFAULT_ACTION)),
-                at_mail=bool(options.get("at_mail", False)),
+                default_action=options.get("default_action", DEFAULT_ACTION),
+                at_mail=options.get("at_mail", False),
                 max_idle=float(options.get("max_idle", DEFAULT_MAX_IDLE)),
                 max_ttl=float(options.get("max_ttl", DEFAULT_MAX_TTL)),
             )
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"[[policy]] {spec.arg}: {error}") from None
-        services.append(service)
+        )
     return PolicyClients(tuple(services))

@@ -628,6 +628,8 @@ def test_check_config_lists_the_policy_services(tmp_path: Path) -> None:
         (("--policy", "inet:h:1", "--policy-default-action", "HOLD"), "", "default action"),
         ((), '[[policy]]\nservice = "inet:h:1"\ncolour = "red"\n', "unknown setting 'colour'"),
         ((), "[[policy]]\ntimeout = 3\n", "[[policy]] needs service"),
+        ((), '[[policy]]\nservice = "inet:h:1"\nat_mail = "no"\n', "at_mail must be true or"),
+        ((), '[[policy]]\nservice = "inet:h:1"\ntimeout = "soon"\n', "timeout must be a number"),
     ],
 )
 def test_bad_policy_configuration_is_one_line_and_exit_2(
