@@ -733,3 +733,24 @@ def test_a_refused_recipients_prepend_is_not_added(
             smtp.quit()
     ((_, message),) = captured_messages(capture)
     assert message.startswith(f"X-For: {RCPT}\r\nReceived: ".encode())
+
+
+def test_a_policy_refusal_reserves_no_quota(tmp_path: Path, users: Path, capture: Path) -> None:
+    """Policy and quotas together: the policy is asked first, so the recipients it
+    refuses never take a unit of a recipient quota."""
+
+    def refuse_no(request: Request) -> bytes:
+        refused = request.get("recipient", "").startswith("no-")
+        return b"action=REJECT not here\n\n" if refused else b"action=DUNNO\n\n"
+
+    with ScriptedPolicy(refuse_no) as policy:
+        args = ("--policy", policy.service, "--quota", "user-recipients:2/1h")
+        with start_daemon(tmp_path, users, capture, "-L", *args) as daemon:
+            smtp = login(daemon)
+            assert smtp.mail(SENDER)[0] == 250
+            assert [smtp.rcpt(f"no-{n}@example.net")[0] for n in range(3)] == [554] * 3
+            assert [smtp.rcpt(f"ok{n}@example.net")[0] for n in range(3)] == [250, 250, 452]
+            assert smtp.data(b"Subject: t\r\n\r\nhi\r\n")[0] == 250
+            smtp.quit()
+    [(_, message)] = captured_messages(capture)
+    assert b"Subject: t" in message
