@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ofmipd.config import Config
     from ofmipd.delivery import Delivery, Target
     from ofmipd.identity import Networks
+    from ofmipd.policy_client import PolicyClients
     from ofmipd.proxy import TrustedProxies
     from ofmipd.quota import Quotas
     from ofmipd.ratelimit import LoginLimiter
@@ -86,7 +87,7 @@ class App:
         "config", "hostname", "chain", "delivery", "mechanisms", "starttls_context",
         "implicit_tls_context", "rules", "proxy_trust", "proxy_timeout", "senders", "limiter",
         "metrics", "reverse_names", "instance_id", "sessions_started", "smtp_handler",
-        "tls_terminators", "relay", "quotas",
+        "tls_terminators", "relay", "quotas", "policy_clients",
     )  # fmt: skip
 
     def __init__(
@@ -128,6 +129,7 @@ class App:
         self.tls_terminators: Networks | None = None  # --tls-in-front peers
         self.relay: Relay | None = None  # --relay: MAIL, RCPT and DATA go down through it
         self.quotas: Quotas | None = None  # --quota: checked at MAIL and RCPT
+        self.policy_clients: PolicyClients | None = None  # --policy services
 
     def new_session_id(self) -> str:
         return f"{self.instance_id}{next(self.sessions_started):x}"
@@ -186,6 +188,11 @@ class App:
             lines.append("quotas: none")
         if config.throttle_script:
             lines.append(f"throttle script: {config.throttle_script}")
+        if self.policy_clients is not None:
+            lines.append("policy services (in order, first answer other than DUNNO decides):")
+            lines.extend(self.policy_clients.describe())
+        else:
+            lines.append("policy services: none")
         # Backends build their targets without passwords; this is the net for the rest
         # (the rate-limit store's Redis URL, a URL in a checkpassword command line).
         return redact_url("\n".join(lines))

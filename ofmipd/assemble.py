@@ -18,6 +18,7 @@ from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
 
 if TYPE_CHECKING:
+    from ofmipd.policy_client import PolicyClients
     from ofmipd.quota import Quotas
     from ofmipd.ratelimit import LoginLimiter
     from ofmipd.rules import Rules
@@ -199,4 +200,26 @@ def build_app(config: Config, previous: App | None = None) -> App:
         from ofmipd.identity import Networks
 
         app.tls_terminators = Networks.parse(config.tls_in_front, option="--tls-in-front")
+    if config.policy:
+        app.policy_clients = build_policy_clients(config)
+        if previous is not None and previous.policy_clients is not None:
+            # A reload keeps the kept connections when nothing about the services changed.
+            if policy_settings(previous.config) == policy_settings(config):
+                app.policy_clients = previous.policy_clients
+            else:
+                previous.policy_clients.close()
     return app
+
+
+def policy_settings(config: Config) -> tuple[Any, ...]:
+    return (config.policy, config.policy_timeout, config.policy_default_action)
+
+
+def build_policy_clients(config: Config) -> PolicyClients:
+    from ofmipd import policy_client
+
+    defaults = {
+        "timeout": config.policy_timeout,
+        "default_action": config.policy_default_action,
+    }
+    return policy_client.build(config.policy, defaults)

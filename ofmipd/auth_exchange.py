@@ -74,7 +74,7 @@ async def run(protocol: SubmissionProtocol, arg: str | None) -> None:
     if decision is None:  # the limiter refused; the reply is out
         return
     if decision.verdict is Verdict.ACCEPT:
-        protocol.authenticated(decision)
+        protocol.authenticated(decision, mechanism)
     await protocol.push(_REPLIES.get(decision.verdict, REPLY_AUTH_BAD))
 
 

@@ -114,6 +114,11 @@ class Config(NamedTuple):
     add_message_id: bool = True  # RFC 6409 §8.3, authenticated sessions only
     add_date: bool = True  # RFC 6409 §8.2, likewise
     check_header_from: bool = False  # header From/Sender must be the login's (--sender-map)
+    # --policy services in order, as BackendSpec("policy", SERVICE, [[policy]] options):
+    # one more record class would cost every start-up; ofmipd.policy_client checks them.
+    policy: tuple[BackendSpec, ...] = ()
+    policy_timeout: float = 10.0  # see ofmipd.policy_client.DEFAULT_TIMEOUT
+    policy_default_action: str = "451 4.3.5 Server configuration problem"
     source: str = "command line"
 
     @property
@@ -291,6 +296,24 @@ def _quota_tables(tables: list[Any]) -> tuple[Any, ...]:
     from ofmipd.quota import quota_from_table
 
     return tuple(quota_from_table(table) for table in tables)
+
+
+def _policy_spec(service: str) -> BackendSpec:
+    return BackendSpec("policy", service)
+
+
+def _policy_specs(value: str | list[Any]) -> tuple[BackendSpec, ...]:
+    """TOML policy = "inet:..." | [[policy]] tables (service = "...", other options)."""
+    specs = []
+    for entry in [value] if isinstance(value, str) else value:
+        if isinstance(entry, str):
+            specs.append(_policy_spec(entry))
+        elif isinstance(entry, dict) and isinstance(entry.get("service"), str):
+            options = dict(entry)
+            specs.append(BackendSpec("policy", options.pop("service"), options))
+        else:
+            raise ConfigError('[[policy]] needs service = "inet:HOST:PORT" or "unix:PATH"')
+    return tuple(specs)
 
 
 class Setting:
@@ -503,6 +526,18 @@ SETTINGS = (
     Setting("reverse_dns", ("--no-reverse-dns",),
             "do not look up client names for the Received header",
             LIMITS, bool, toml="reverse_dns", const=False),
+    Setting("policy", ("--policy",),
+            "ask this Postfix policy server at RCPT and end of message (repeatable, asked in "
+            "order; the first answer other than DUNNO decides)", LIMITS,
+            metavar="inet:HOST:PORT|unix:PATH", toml="policy", toml_type=(list, str),
+            repeat=True, from_flag=_policy_spec, from_toml=_policy_specs),
+    Setting("policy_timeout", ("--policy-timeout",),
+            "time allowed for each policy answer (default 10)",
+            LIMITS, float, "SECONDS", toml="policy_timeout"),
+    Setting("policy_default_action", ("--policy-default-action",),
+            "the reply when a policy server is down, slow or answers nonsense (default "
+            "'451 4.3.5 Server configuration problem'; DUNNO fails open)",
+            LIMITS, metavar="ACTION", toml="policy_default_action"),
 )  # fmt: skip
 
 

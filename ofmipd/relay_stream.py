@@ -8,11 +8,12 @@ it is read, at the downstream's pace (a slow MTA slows the client, it does not f
 memory). The rules of the message itself (end marker, dots, bare newlines, limits) are
 data.py's, the same as for the other targets.
 
-The throttle script runs once the whole message is in, before the final dot. Whatever
-stops the message before its end (too big, a refused header, the throttle, a downstream
-failure, the client gone) closes the downstream connection without the final dot, so
-the MTA throws the partial message away. The rest of the client's message is still
-read, and the client hears 250 only after the downstream's reply to the dot.
+The policy services' END-OF-MESSAGE question and then the throttle script come once the
+whole message is in, before the final dot. Whatever stops the message before its end
+(too big, a refused header, a policy refusal, the throttle, a downstream failure, the
+client gone) closes the downstream connection without the final dot, so the MTA throws
+the partial message away. The rest of the client's message is still read, and the
+client hears 250 only after the downstream's reply to the dot.
 """
 
 from __future__ import annotations
@@ -102,13 +103,20 @@ async def _relay(
                 lost = True
                 continue
             queue_id = submission.queue_id
-            piece = await handler.received(server, session, queue_id) + handler.fixed_up(
-                server, session, header, queue_id
+            piece = (
+                handler.prepended(server)
+                + await handler.received(server, session, queue_id)
+                + handler.fixed_up(server, session, header, queue_id)
             )
         if piece and not await transaction.send(piece):
             lost = True
     if refused is not None:
         return refused  # no message line, as for the other targets
+    if not lost:  # --policy, before the final dot: a refusal leaves nothing downstream
+        refused = await handler.end_of_message_refusal(server, submission.queue_id, size)
+        if refused is not None:
+            transaction.discard()
+            return refused  # no message line, as for the other targets
     reply = DOWNSTREAM_FAILED if lost else await handler.app.delivery.throttle(submission)
     if reply is None:
         reply = await transaction.end_data()

@@ -78,6 +78,7 @@ class SubmissionSession(Session):
         super().__init__(loop)
         self.user: str | None = None
         self.decision: Decision | None = None
+        self.mechanism: str | None = None  # the AUTH mechanism that logged in
 
 
 @functools.cache
@@ -111,6 +112,11 @@ class SubmissionProtocol(SMTP):
         self.draining = False
         self.relay_transaction: Transaction | None = None  # --relay: open downstream
         self.quota_holds: Holds | None = None  # --quota: this transaction's reservations
+        # --policy: what belongs to the current message (cleared with its envelope)
+        self.policy_instance: str | None = None  # Postfix's "instance" attribute
+        self.policy_headers: list[str] = []  # PREPEND answers, added to the message
+        self.transactions = 0
+        self.close_after_reply = False  # a policy server's 421/521: the session ends
         self._init_aiosmtpd(app, implicit_tls)
         self.ended: asyncio.Future[None] = self.loop.create_future()  # the end line is out
         self.timer = IdleTimer(
@@ -268,6 +274,8 @@ class SubmissionProtocol(SMTP):
         and settles its quota holds (charged only if delivery said 250)."""
         self.end_relay_transaction()
         self.end_quota_holds()
+        self.policy_instance = None
+        self.policy_headers = []
         super()._set_post_data_state()
 
     def end_relay_transaction(self) -> None:
@@ -351,6 +359,9 @@ class SubmissionProtocol(SMTP):
         if self.app.config.debug:
             log.debug("session %s << %s", self.session_id, status)
         await super().push(status)
+        if self.close_after_reply:
+            self._close()
+            return
         code = status[:1] if isinstance(status, str) else ""
         our_fault, self.our_fault = self.our_fault, False
         if code in ("4", "5") and not status.startswith("421") and not our_fault:
@@ -560,12 +571,13 @@ class SubmissionProtocol(SMTP):
 
         await self._busy(auth_exchange.run(self, arg))
 
-    def authenticated(self, decision: Decision) -> None:
+    def authenticated(self, decision: Decision, mechanism: str | None = None) -> None:
         """The AUTH exchange accepted `decision`: MAIL may follow."""
         session = self.session_state
         session.authenticated = True
         session.user = decision.user
         session.decision = decision
+        session.mechanism = mechanism
         self.last_user = decision.user
         decider = decision.decided_by
         self.last_backend = decider.backend if decider else None
@@ -580,10 +592,81 @@ class SubmissionProtocol(SMTP):
             return REPLY_NEED_TLS
         return REPLY_NEED_AUTH
 
+    async def policy_refusal(
+        self,
+        state: str,
+        *,
+        sender: str | None = None,
+        recipient: str = "",
+        size: int | None = None,
+        queue_id: str = "",
+    ) -> str | None:
+        """Ask the --policy services at `state`: their refusal, or None (PREPEND
+        answers are kept for the message; a 421 or 521 also ends the session)."""
+        clients = self.app.policy_clients
+        if clients is None or (state == "MAIL" and not clients.at_mail):
+            return None
+        attributes = await self.policy_attributes(state, sender, recipient, size, queue_id)
+        decision = await clients.check(attributes, self.session_id)
+        if decision.reply is None:  # a refused recipient's headers go with it
+            self.policy_headers.extend(decision.prepend)
+        if decision.disconnect:
+            self.close_after_reply = True
+            self.result = "policy-disconnect"
+        return decision.reply
+
+    async def policy_attributes(
+        self, state: str, sender: str | None, recipient: str, size: int | None, queue_id: str
+    ) -> dict[str, object]:
+        """The attributes of Postfix's SMTPD_POLICY_README that a submission server knows."""
+        session = self.session_state
+        envelope = self.envelope
+        assert envelope is not None
+        if self.policy_instance is None:  # one per message, as Postfix's
+            self.transactions += 1
+            self.policy_instance = f"{self.session_id}.{self.transactions}"
+        if size is None:  # before DATA: the SIZE the client announced at MAIL, as Postfix
+            size = announced_size(envelope.mail_options)
+        name = await self.reverse_name() or "unknown"
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        return {
+            "request": "smtpd_access_policy",
+            "protocol_state": state,
+            "protocol_name": "ESMTP" if session.extended_smtp else "SMTP",
+            "helo_name": session.host_name or "",
+            "queue_id": queue_id,
+            "sender": envelope.mail_from if sender is None else sender,
+            "recipient": recipient,
+            # SMTPD_POLICY_README: "non-zero only in the DATA and END-OF-MESSAGE stages"
+            "recipient_count": len(envelope.rcpt_tos) if state == "END-OF-MESSAGE" else 0,
+            "client_address": self.client.ip,
+            "client_name": name,
+            "reverse_client_name": name,
+            "client_port": self.client.port or 0,  # numbers unknown are 0, as Postfix
+            "instance": self.policy_instance,
+            "sasl_method": session.mechanism or "",
+            "sasl_username": session.user or "",
+            "size": size,
+            "encryption_protocol": ssl_object.version() if ssl_object is not None else "",
+            "encryption_cipher": cipher[0] if cipher else "",
+            "encryption_keysize": cipher[2] if cipher else 0,  # 0 in plaintext, as Postfix
+            "server_address": self.client.local_ip,
+            "server_port": self.client.local_port or 0,
+        }
+
     async def reverse_name(self) -> str | None:
         if self.client.hostname or not self.client.ip or self.app.reverse_names is None:
             return self.client.hostname
         return await self.app.reverse_names.name(self.client.ip)
+
+
+def announced_size(mail_options: list[str]) -> int:
+    """MAIL's SIZE= parameter (RFC 1870), 0 if none."""
+    for option in mail_options:
+        if option[:5].upper() == "SIZE=" and option[5:].isascii() and option[5:].isdigit():
+            return int(option[5:])
+    return 0
 
 
 def handler_for(app: App) -> SubmissionHandler:
@@ -624,6 +707,12 @@ class SubmissionHandler:
                 printable(address),
             )
             return f"553 5.7.1 <{address}>: Sender address not owned by user {session.user}"
+        server.policy_instance, server.policy_headers = None, []  # a new transaction
+        refusal = await server.policy_refusal(
+            "MAIL", sender=address, size=announced_size(mail_options)
+        )
+        if refusal is not None:
+            return refusal
         if self.app.quotas is not None:
             refusal = await self.over_quota(server, session, "messages")
             if refusal is not None:
@@ -657,6 +746,9 @@ class SubmissionHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.app.config.max_recipients:
             return "452 4.5.3 Too many recipients"
+        refusal = await server.policy_refusal("RCPT", recipient=address)
+        if refusal is not None:
+            return refusal
         if self.app.quotas is not None:
             refusal = await self.over_quota(server, session, "recipients")
             if refusal is not None:
@@ -683,11 +775,15 @@ class SubmissionHandler:
         if refusal is not None:
             return refusal
         queue_id = new_queue_id()
+        refusal = await self.end_of_message_refusal(server, queue_id, len(content))
+        if refusal is not None:
+            return refusal
         submission = Submission(
             queue_id=queue_id,
             sender=envelope.mail_from or "",
             recipients=tuple(envelope.rcpt_tos),
-            content=await self.received(server, session, queue_id)
+            content=self.prepended(server)
+            + await self.received(server, session, queue_id)
             + self.fixed_up(server, session, content, queue_id),
             user=session.user,
             client=server.client,
@@ -738,6 +834,27 @@ class SubmissionHandler:
             printable(forged),
         )
         return f"550 5.7.1 Header From or Sender not owned by user {session.user}"
+
+    async def end_of_message_refusal(
+        self, server: SubmissionProtocol, queue_id: str, size: int
+    ) -> str | None:
+        """--policy at END-OF-MESSAGE, before the message is delivered (or its final dot
+        goes down to the relay): a refusal, logged, or None."""
+        rcpts = server.envelope.rcpt_tos if server.envelope is not None else []
+        refusal = await server.policy_refusal(
+            "END-OF-MESSAGE",
+            recipient=rcpts[0] if len(rcpts) == 1 else "",  # as Postfix: only if just one
+            size=size,
+            queue_id=queue_id,
+        )
+        if refusal is not None:
+            log.info("session %s: message %s refused by policy", server.session_id, queue_id)
+        return refusal
+
+    def prepended(self, server: SubmissionProtocol) -> bytes:
+        """The policy servers' PREPEND headers, above the Received header as Postfix
+        puts them."""
+        return "".join(f"{line}\r\n" for line in server.policy_headers).encode()
 
     def fixed_up(
         self, server: SubmissionProtocol, session: SubmissionSession, content: bytes, queue_id: str
