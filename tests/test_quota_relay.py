@@ -4,17 +4,12 @@ at RCPT gives its reservation back."""
 
 from __future__ import annotations
 
-import shutil
-import smtplib
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
-from tests.ofmipd_server import Daemon, authfile, server_env
-from tests.postfix_server import Postfix
+from tests.postfix_server import Postfix, login, relay_daemon, running_postfix
 
 REFUSED = "nobody@example.org"
 SIZE_LIMIT = 20000  # Postfix's message_size_limit: checked after the dot without SIZE=
@@ -22,33 +17,7 @@ SIZE_LIMIT = 20000  # Postfix's message_size_limit: checked after the dot withou
 
 @pytest.fixture(scope="module")
 def postfix() -> Iterator[Postfix]:
-    # Not under pytest's tmp_path: its 0700 parent keeps Postfix's daemons out.
-    root = Path(tempfile.mkdtemp(prefix="ofmipd-postfix-"))
-    try:
-        server = Postfix(root, free_port(), refused=(REFUSED,), size_limit=SIZE_LIMIT)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def relay_daemon(tmp_path: Path, postfix: Postfix, *args: str) -> Daemon:
-    users = authfile(tmp_path, "alice:secret\n")
-    port = free_port()
-    return Daemon(
-        ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "-a", str(users), "-L",
-         "--relay", f"smtp://127.0.0.1:{postfix.port}", *args],
-        port, tmp_path, env=server_env(),
-    )  # fmt: skip
-
-
-def login(daemon: Daemon) -> smtplib.SMTP:
-    smtp = smtplib.SMTP(daemon.host, daemon.port, local_hostname="client.example", timeout=30)
-    smtp.login("alice", "secret")
-    return smtp
+    yield from running_postfix(refused=(REFUSED,), size_limit=SIZE_LIMIT)
 
 
 def test_only_postfixs_250_after_the_dot_charges_the_message(
