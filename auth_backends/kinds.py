@@ -376,8 +376,9 @@ PASSWD_FILE = Backend(
     metavar="FILE",
     arg="path",
     needs="libpass",
-    help="Dovecot passwd-file, mode 0600 or 0640 ({SCRAM-SHA-256}, {BLF-CRYPT}, {ARGON2ID}...)"
-    " with app passwords",
+    # No hyphenated words: argparse may wrap --help there, which a test would not find.
+    help="Dovecot user file with app passwords; mode 0600 or 0640 (SCRAM, bcrypt, argon2id,"
+    " SHA crypt, SSHA512, PLAIN)",
     options=(
         Option(
             "path",

@@ -158,8 +158,8 @@ class Line(NamedTuple):
         if self.expires is not None and self.expires < datetime.datetime.now(datetime.UTC).date():
             return f"{self.who(user)} expired on {self.expires.isoformat()}"
         if self.mechanisms is not None and not self.mechanisms & served:
-            allowed = ",".join(sorted(self.mechanisms))
-            return f"{self.who(user)} is limited to mechanisms={allowed}, not {'/'.join(sorted(served))}"
+            allowed, asked = ",".join(sorted(self.mechanisms)), "/".join(sorted(served))
+            return f"{self.who(user)} is limited to mechanisms={allowed}, not {asked}"
         return None
 
 
@@ -302,7 +302,7 @@ def parse(data: bytes, path: str) -> Table:
 
 
 def matches(entry: Entry, password: bytes) -> bool:
-    if entry.handler.name == "bcrypt" and len(password) > BCRYPT_MAX:
+    if entry.handler is not None and entry.handler.name == "bcrypt" and len(password) > BCRYPT_MAX:
         spend(entry, password)  # refused, after the work a real check costs
         return False
     try:

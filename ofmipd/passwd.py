@@ -266,7 +266,7 @@ def last_uses(config_path: str | None, user: str, labels: list[str]) -> dict[str
 
     config = load_toml(config_path)
     options = dict(config.ratelimit_options)
-    store = open_store(config.ratelimit, options, state_dir=config.state_dir,
+    store = open_store(config.ratelimit or "", options, state_dir=config.state_dir,
                        username=config.username)  # fmt: skip
 
     async def read() -> dict[str, str]:
