@@ -229,3 +229,34 @@ def test_last_use_is_kept_in_the_state_directory_and_listed(path: Path, tmp_path
     listed = passwd("--config", str(config), "app-list", "alice")
     row = [line for line in listed.stdout.splitlines() if line.startswith("phone")][0]
     assert row.endswith("Z from 192.0.2.44"), listed.stdout
+
+
+@pytest.mark.slow
+def test_a_real_login_names_the_label_and_records_last_use(path: Path, tmp_path: Path) -> None:
+    import smtplib
+
+    from tests.conftest import free_port
+    from tests.ofmipd_server import CAPTURE, Daemon, server_env
+
+    assert passwd("--file", str(path), "add", "alice").returncode == 0
+    app_password = passwd("--file", str(path), "app-add", "alice", "tablet").stdout.split()[-1]
+    state, capture = tmp_path / "state", tmp_path / "capture"
+    capture.mkdir()
+    port = free_port()
+    args = ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "--passwd-file", str(path),
+            "--sendmail", CAPTURE, "--state-dir", str(state)]  # fmt: skip
+    with Daemon(args, port, tmp_path, env=server_env(CAPTURE_DIR=str(capture))) as daemon:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.login("alice", app_password)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                smtp.login("alice", app_password + "x")
+        daemon.wait_for_log("app password 'tablet' matches")
+        log = daemon.log_text()
+    assert app_password not in log and PASSWORD not in log
+    config = tmp_path / "ofmipd.toml"
+    config.write_text(f'state_dir = "{state}"\n[[auth]]\nkind = "passwd-file"\npath = "{path}"\n')
+    config.chmod(0o600)
+    listed = passwd("--config", str(config), "app-list", "alice")
+    row = [line for line in listed.stdout.splitlines() if line.startswith("tablet")][0]
+    assert row.endswith("Z from 127.0.0.1"), listed.stdout
