@@ -287,7 +287,7 @@ def parse(data: bytes, path: str) -> Table:
             users[user] = account = account._replace(nologin=nologin)
         samples.setdefault((line.entry.handler, rounds_of(line.entry.handler, line.entry.hash)),
                            line.entry)  # fmt: skip
-    kind = costliest(samples, path)
+    kind = costliest(samples, path, "passwd-file")
     log.info(
         "passwd-file %s: %d users, %d passwords; unknown names cost %s",
         path,

@@ -336,3 +336,11 @@ def test_authtest_explains_label_scope_nologin_and_expiry(path: Path) -> None:
     assert code == 1 and "app password 'stale' of alice expired on 2021-03-01" in out, out
     code, out = authtest(path, "bob", "bob-pw-8", "10.9.8.7")
     assert code == 1 and "nologin for bob" in out and "account moved to mx2" in out, out
+
+
+def test_mixed_costs_are_warned_about_as_a_passwd_file(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    open_file(write(path, f"cheap:{{PLAIN}}plain-pw\nslow:{doveadm_pw('BLF-CRYPT')}\n"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith(f"passwd-file {path} mixes hash costs") for w in warnings), warnings
