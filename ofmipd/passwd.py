@@ -220,12 +220,16 @@ def add(path: str, user: str, scheme: str) -> int:
     hashed = hash_password(read_password(), scheme)
 
     def change(lines: list[str]) -> list[str]:
-        for i, line in enumerate(lines):
-            if owner_and_label(line) == (user, None):
-                fields = line.strip().split(":", 2)
-                lines[i] = ":".join([user, hashed, *fields[2:]])  # keeps the extra fields
-                return lines
-        return [*lines, f"{user}:{hashed}"]
+        owners = [owner_and_label(line) for line in lines]
+        if (user, None) in owners:
+            i = owners.index((user, None))
+            fields = lines[i].strip().split(":", 2)
+            lines[i] = ":".join([user, hashed, *fields[2:]])  # keeps the extra fields
+            return lines
+        # Before the user's app passwords: Dovecot expects one line per user, the first.
+        mine = [i for i, owner in enumerate(owners) if owner and owner[0] == user]
+        lines.insert(mine[0] if mine else len(lines), f"{user}:{hashed}")
+        return lines
 
     edit(path, change)
     print(f"password of {user} set ({scheme})")

@@ -141,6 +141,15 @@ def test_verify_exits_like_authtest(path: Path) -> None:
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
+def test_a_new_main_password_goes_before_the_app_passwords(path: Path) -> None:
+    assert passwd("--file", str(path), "add", "bob", "--scheme", "PLAIN").returncode == 0
+    assert passwd("--file", str(path), "app-add", "alice", "phone").returncode == 0
+    assert passwd("--file", str(path), "add", "alice", "--scheme", "SSHA512").returncode == 0
+    lines = path.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["bob", "alice", "alice"]
+    assert lines[1].startswith("alice:{SSHA512}") and "label=phone" in lines[2]
+
+
 def test_a_change_the_server_would_refuse_is_not_written(path: Path) -> None:
     assert passwd("--file", str(path), "add", "alice").returncode == 0
     before = path.read_bytes()
