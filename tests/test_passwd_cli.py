@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +270,27 @@ def test_a_real_login_names_the_label_and_records_last_use(path: Path, tmp_path:
     listed = passwd("--config", str(config), "app-list", "alice")
     row = [line for line in listed.stdout.splitlines() if line.startswith("tablet")][0]
     assert row.endswith("Z from 127.0.0.1"), listed.stdout
+
+
+def test_add_prompts_twice_without_echo_on_a_terminal(path: Path) -> None:
+    from tests.test_authtest import read_until
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin, stdout and stderr are the pty, as in a terminal
+        os.environ["PYTHONPATH"] = str(ROOT)
+        args = [sys.executable, "-m", "ofmipd.passwd", "--file", str(path), "add", "alice"]
+        os.execv(sys.executable, args)
+    seen = b""
+    try:
+        seen = read_until(fd, b"New password:", seen)
+        os.write(fd, PASSWORD.encode() + b"\r")
+        seen = read_until(fd, b"Again:", seen)
+        os.write(fd, PASSWORD.encode() + b"\r")
+        seen = read_until(fd, None, seen)  # to EOF
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = seen.decode(errors="replace")
+    assert PASSWORD not in text, text  # not echoed
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert verify(path, "alice", PASSWORD)[0] is Verdict.ACCEPT
