@@ -81,7 +81,7 @@ def cost(entry: Entry) -> float:
     return time.thread_time() - started
 
 
-def costliest(samples: dict[Kind, Entry], path: str) -> Kind | None:
+def costliest(samples: dict[Kind, Entry], path: str, what: str = "htpasswd") -> Kind | None:
     """The file's most expensive scheme and cost, which the dummy hash uses.
 
     The most expensive, not the most common: an unknown name must take as long as the
@@ -93,8 +93,9 @@ def costliest(samples: dict[Kind, Entry], path: str) -> Kind | None:
         # Users with a much cheaper hash answer faster than an unknown name, which tells
         # them apart; only rehashing them fixes that.
         log.warning(
-            "htpasswd %s mixes hash costs (%s): users with cheaper hashes answer faster than "
+            "%s %s mixes hash costs (%s): users with cheaper hashes answer faster than "
             "unknown names; rehash them in the costliest scheme",
+            what,
             path,
             ", ".join(
                 f"{describe(kind)} {seconds * 1000:.1f} ms" for kind, seconds in costs.items()

@@ -369,5 +369,27 @@ POP3 = Backend(
     options=REMOTE_OPTIONS,
 )
 
-DECLARED = (AUTHFILE, HTPASSWD, CHECKPASSWORD, PAM, LDAP, IMAP, POP3)
+PASSWD_FILE = Backend(
+    "passwd-file",
+    module="auth_backends.passwd_file",
+    flags=("--passwd-file",),
+    metavar="FILE",
+    arg="path",
+    needs="libpass",
+    # No hyphenated words: argparse may wrap --help there, which a test would not find.
+    help="Dovecot user file with app passwords; mode 0600 or 0640 (SCRAM, bcrypt, argon2id,"
+    " SHA crypt, SSHA512, PLAIN)",
+    options=(
+        Option(
+            "path",
+            TEXT,
+            "the user file",
+            required='path must name the passwd-file, e.g. path = "..."',
+        ),
+        Option("workers", INTEGER, "threads hashing at once (default: CPU count)", low=1, high=256),
+        Option("timeout", SECONDS, "longest wait for a free worker", 10.0),
+    ),
+)
+
+DECLARED = (AUTHFILE, HTPASSWD, CHECKPASSWORD, PAM, LDAP, IMAP, POP3, PASSWD_FILE)
 BY_KIND = {backend.kind: backend for backend in DECLARED}

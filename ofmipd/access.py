@@ -80,7 +80,7 @@ def backend_needs(app: App, daemon: bool) -> list[Need]:
     out: list[Need] = []
     backend: Any  # each kind has its own attributes: path, argv, settings
     for backend in app.chain.backends:
-        if backend.name in ("authfile", "htpasswd"):
+        if backend.name in ("authfile", "htpasswd", "passwd-file"):
             # -1 reads them before the drop, and a session is over before an edit matters.
             if daemon:
                 when = "when it changes and on SIGHUP"

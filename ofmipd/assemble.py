@@ -144,6 +144,13 @@ def build_quotas(
     )
 
 
+def share_store(chain: Chain, store: Store | None) -> None:
+    """The passwd-file records its app passwords' last use in the embedded store."""
+    for backend in chain.backends:
+        if backend.name == "passwd-file":
+            backend.store = store  # type: ignore[attr-defined]
+
+
 def build_app(config: Config, previous: App | None = None) -> App:
     """`previous` is the running App on a reload: its rate-limit state and metrics
     endpoint carry over, so a SIGHUP neither forgets failures nor rebinds a port."""
@@ -186,6 +193,9 @@ def build_app(config: Config, previous: App | None = None) -> App:
         app.limiter = build_limiter(config)
     reuse = previous.quotas.store if previous and previous.quotas and same_limits else None
     app.quotas = build_quotas(config, app.limiter, reuse)
+    share_store(
+        chain, app.limiter.store if app.limiter else app.quotas.store if app.quotas else None
+    )
     if previous is not None:
         app.metrics = previous.metrics
     if config.sender_map:

@@ -106,6 +106,21 @@ def can_lookup_plaintext(backend: object) -> bool:
     return isinstance(backend, PlaintextSource)
 
 
+class ScramKeys(NamedTuple):  # RFC 5802 stored credentials for one hash
+    salt: bytes
+    iterations: int
+    stored_key: bytes
+    server_key: bytes
+    label: str | None  # the app password's label, None for the main one
+
+
+@runtime_checkable
+class ScramSource(Protocol):
+    async def scram_keys(self, user: str, hash_name: str) -> list[ScramKeys] | Outcome: ...
+
+    # hash_name "SHA-256" or "SHA-1"; REJECT Outcome for an unknown user
+
+
 # One question the chain puts to each backend in turn: verify, or look up for CRAM-MD5.
 Ask = Callable[[Authenticator], Awaitable[Outcome]]
 
