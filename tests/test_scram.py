@@ -217,6 +217,28 @@ def test_binding_asked_for_without_tls_is_535(tmp_path, users, capture):
         assert "client asked for channel binding without TLS" in daemon.log_text()
 
 
+def test_scram_decisions_are_counted_like_any_other(tmp_path, users, capture):
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    args = ("--ratelimit", "off", "--metrics", f"127.0.0.1:{port}")
+    with start_daemon(tmp_path, users, capture, *args) as daemon, smtp(daemon) as s:
+        for password, code in ((PASSWORD, 235), ("wrong", 535)):
+            client = ScramClient(["SCRAM-SHA-256"], "alice", password)
+            assert scram_login(s, client, "SCRAM-SHA-256")[0] == code
+            if code == 235:  # one login per session: start another for the wrong one
+                s.close()
+                s.connect(daemon.host, daemon.port)
+                s.ehlo()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+    for verdict in ("accept", "reject"):
+        line = f'ofmipd_auth_decisions_total{{mechanism="SCRAM-SHA-256",verdict="{verdict}"}} 1.0'
+        assert line in text
+
+
 # ---- the real msmtp (GNU SASL) -------------------------------------------------------
 
 
