@@ -163,6 +163,12 @@ def test_cancel_empty_and_long_lines_behave_as_for_other_mechanisms(tmp_path, us
         assert s.docmd("AUTH", "SCRAM-SHA-256")[0] == 334
         assert s.docmd("A" * 20000)[0] == 500
         assert s.docmd("AUTH", f"SCRAM-SHA-256 {b64('n,,x=alice,r=abc')}")[0] == 501
+        for last, reply in (("*", 501), (b64("junk"), 535)):  # answers to the final 334
+            client = ScramClient(["SCRAM-SHA-256"], "alice", PASSWORD)
+            _, text = s.docmd("AUTH", f"SCRAM-SHA-256 {b64(client.get_client_first())}")
+            client.set_server_first(unb64(text))
+            assert s.docmd(b64(client.get_client_final()))[0] == 334
+            assert s.docmd(last)[0] == reply
         code, _ = scram_login(s, ScramClient(["SCRAM-SHA-256"], "alice", PASSWORD), "SCRAM-SHA-256")
         assert code == 235  # the session is still usable
 
