@@ -4,7 +4,13 @@ Format, as tmda-ofmipd read it: one `user:password` per line, the password being
 after the first colon; surrounding whitespace of the line, the name and the password is
 ignored; user names match case-insensitively. Added here: `#` comment lines, and an empty
 password disables the account (tmda denied those too). Since the passwords are plaintext,
-this store can hand them to the chain for CRAM-MD5.
+this store can hand them to the chain for CRAM-MD5, and derive SCRAM keys from them.
+
+SCRAM keys are derived at the first SCRAM login of a user and cached with a salt drawn at
+random once per user for the life of the process. Nothing is stored, so nothing needs a
+stable salt: a salt only has to be unpredictable and differ between users and servers, so
+that precomputed tables are useless; a restart drawing new ones merely costs the next
+login one key derivation (4096 PBKDF2 rounds, a few ms).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import stat
 
 from auth_backends.kinds import AUTHFILE as BACKEND
 from auth_backends.watched_file import Unavailable, WatchedFile
-from ofmipd.auth import Found, Outcome, Secret, accept, reject, tempfail
+from ofmipd.auth import Found, Outcome, ScramKeys, Secret, accept, reject, tempfail
 from ofmipd.config import BackendSpec
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
@@ -66,6 +72,9 @@ class AuthFile:
         except Unavailable as error:
             raise ConfigError(str(error)) from None
         log.info("authfile %s: %d users", path, len(users))
+        # (lowercased name, hash) -> (the password they came from, its keys)
+        self._scram: dict[tuple[str, str], tuple[bytes, ScramKeys]] = {}
+        self._salts: dict[str, bytes] = {}
 
     def _check_mode(self, st: os.stat_result) -> None:
         mode = stat.S_IMODE(st.st_mode)
@@ -102,6 +111,29 @@ class AuthFile:
             return entry
         name, password = entry
         return Found(Secret(password), name)
+
+    async def scram_keys(self, user: str, hash_name: str) -> list[ScramKeys] | Outcome:
+        entry = self._find(user)
+        if isinstance(entry, Outcome):
+            return entry
+        name, password = entry
+        key = (name.lower(), hash_name)
+        cached = self._scram.get(key)
+        if cached is not None and cached[0] == password:  # re-derived when the file changes
+            return [cached[1]]
+        try:
+            text = password.decode("utf-8")
+        except UnicodeDecodeError:
+            return reject(f"password of {name} in {self.path} is not UTF-8: no SCRAM keys")
+        from ofmipd.scram import derive_keys  # scramp: only when SCRAM is used
+
+        salt = self._salts.setdefault(name.lower(), os.urandom(16))
+        try:
+            keys = derive_keys(text, hash_name, salt, None)
+        except ValueError:  # SASLprep refuses some passwords
+            return reject(f"password of {name} in {self.path} fails SASLprep: no SCRAM keys")
+        self._scram[key] = (password, keys)
+        return [keys]
 
 
 def create(spec: BackendSpec) -> AuthFile:

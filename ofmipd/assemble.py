@@ -156,6 +156,8 @@ def build_app(config: Config, previous: App | None = None) -> App:
     endpoint carry over, so a SIGHUP neither forgets failures nor rebinds a port."""
     chain = build_chain(config)
     mechanisms = ("PLAIN", "LOGIN") + (("CRAM-MD5",) if chain.supports_cram_md5 else ())
+    if chain.supports_scram:  # -PLUS only on sessions with our own TLS: see smtp.py
+        mechanisms += ("SCRAM-SHA-1", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS")
     hostname = config.hostname or default_hostname()
     app = App(
         config=config,

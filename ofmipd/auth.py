@@ -111,14 +111,31 @@ class ScramKeys(NamedTuple):  # RFC 5802 stored credentials for one hash
     iterations: int
     stored_key: bytes
     server_key: bytes
-    label: str | None  # the app password's label, None for the main one
+    label: str | None  # an app password's label, None for the main one
 
 
 @runtime_checkable
 class ScramSource(Protocol):
+    """Optional capability; SCRAM-* is offered only if every backend has it."""
+
     async def scram_keys(self, user: str, hash_name: str) -> list[ScramKeys] | Outcome: ...
 
     # hash_name "SHA-256" or "SHA-1"; REJECT Outcome for an unknown user
+
+
+# The SCRAM exchange with the client, given the keys it must prove (None: nobody knows
+# the user, so the exchange runs against keys no password matches).
+Prove = Callable[[ScramKeys | None], Awaitable[Outcome]]
+
+
+def committed_keys(keys: Sequence[ScramKeys]) -> ScramKeys:
+    """The one credential a SCRAM exchange uses when a user has several.
+
+    The server-first message names one salt before the client proves anything, so only
+    one credential can be tried: the main password if there is one, else the first app
+    password. (Dovecot's passdb, too, answers a credentials lookup with one entry.)
+    """
+    return next((k for k in keys if k.label is None), keys[0])
 
 
 # One question the chain puts to each backend in turn: verify, or look up for CRAM-MD5.
@@ -224,6 +241,10 @@ class Chain:
     def supports_cram_md5(self) -> bool:
         return bool(self.backends) and all(can_lookup_plaintext(b) for b in self.backends)
 
+    @property
+    def supports_scram(self) -> bool:
+        return bool(self.backends) and all(isinstance(b, ScramSource) for b in self.backends)
+
     async def authenticate(
         self, user: bytes, password: bytes, client: ClientIdentity, *, try_all: bool = False
     ) -> Decision:
@@ -255,18 +276,58 @@ class Chain:
 
         return await self._ask_each(name, by_digest, try_all=False)
 
+    async def authenticate_scram(
+        self, user: bytes, hash_name: str, client: ClientIdentity, prove: Prove
+    ) -> Decision:
+        """The first backend that knows the user hands over its keys; the client's
+        proof against them decides (a later backend cannot be tried: the salt is sent).
+        `prove` talks to the client, so it runs outside the per-backend timeout."""
+        name = check_at_the_door(user, b"-")  # SCRAM sends no password
+        if isinstance(name, Outcome):
+            return refused_at_the_door(name)
+        found: list[ScramKeys] = []
+
+        async def lookup(backend: Authenticator) -> Outcome:
+            if not isinstance(backend, ScramSource):  # SCRAM is not offered then
+                return tempfail("cannot hand over SCRAM keys")
+            keys = await backend.scram_keys(name, hash_name)
+            if isinstance(keys, Outcome):
+                if keys.verdict is Verdict.ACCEPT:  # "found" needs the keys with it
+                    return tempfail("SCRAM key lookup accepted without keys")
+                return keys
+            if not keys:
+                return reject(f"no SCRAM-{hash_name} credentials for {name}")
+            found.extend(keys)
+            return accept("SCRAM keys found")
+
+        attempts: list[Attempt] = []
+        for backend in self.backends:
+            started = time.perf_counter()
+            outcome = await self._contained(backend, lookup)
+            ms = (time.perf_counter() - started) * 1000
+            if outcome.verdict is Verdict.ACCEPT:
+                outcome = await prove(committed_keys(found))
+                attempts.append(Attempt(backend.name, backend.target, outcome, ms))
+                return self._decision(name, attempts)
+            attempts.append(Attempt(backend.name, backend.target, outcome, ms))
+        if not any(a.outcome.verdict is Verdict.TEMPFAIL for a in attempts):
+            await prove(None)  # an unknown user costs the client the same round trips
+        return self._decision(name, attempts)
+
     async def _ask_each(self, name: str, ask: Ask, *, try_all: bool) -> Decision:
         attempts: list[Attempt] = []
-        winner: Outcome | None = None
         for backend in self.backends:
             started = time.perf_counter()
             outcome = await self._contained(backend, ask)
             ms = (time.perf_counter() - started) * 1000
             attempts.append(Attempt(backend.name, backend.target, outcome, ms))
-            if outcome.verdict is Verdict.ACCEPT and winner is None:
-                winner = outcome
-                if not try_all:
-                    break
+            if outcome.verdict is Verdict.ACCEPT and not try_all:
+                break
+        return self._decision(name, attempts)
+
+    @staticmethod
+    def _decision(name: str, attempts: list[Attempt]) -> Decision:
+        winner = next((a.outcome for a in attempts if a.outcome.verdict is Verdict.ACCEPT), None)
         if winner is not None:
             # A store that cannot canonicalise (checkpassword, IMAP, POP3) leaves the name as
             # given, which the door has already checked.

@@ -14,8 +14,7 @@ from base64 import b64encode
 from typing import TYPE_CHECKING, NamedTuple
 
 from ofmipd import mechanisms
-from ofmipd.auth import Chain, Decision, Outcome, Verdict, check_at_the_door, refused_at_the_door
-from ofmipd.identity import ClientIdentity
+from ofmipd.auth import Decision, Outcome, Verdict, check_at_the_door, refused_at_the_door
 from ofmipd.logs import printable
 from ofmipd.ratelimit import LoginLimiter, Refusal, Ticket, partial_reject
 from ofmipd.replies import (
@@ -28,6 +27,8 @@ from ofmipd.replies import (
 )
 
 if TYPE_CHECKING:
+    from ofmipd.auth import ScramKeys
+    from ofmipd.scram import ScramExchange
     from ofmipd.smtp import SubmissionProtocol
 
 authlog = logging.getLogger("ofmipd.auth")
@@ -35,22 +36,43 @@ authlog = logging.getLogger("ofmipd.auth")
 _REPLIES = {Verdict.ACCEPT: REPLY_AUTH_OK, Verdict.TEMPFAIL: REPLY_AUTH_TEMP}
 
 
+class ExchangeEnded(Exception):
+    """The client cancelled or left mid-exchange; any reply has been sent."""
+
+
 class Credentials(NamedTuple):
-    """What the client sent: a password, or a CRAM-MD5 challenge and digest."""
+    """What the client sent: a password, a CRAM-MD5 challenge and digest, or the start
+    of a SCRAM exchange (which goes on while the Chain decides)."""
 
     user: bytes
     password: bytes = b""
     challenge: bytes = b""
     digest: str = ""
+    scram: ScramExchange | None = None
 
     def __repr__(self) -> str:
         return f"Credentials(user={self.user!r}, <redacted>)"
 
     def at_the_door(self) -> str | Outcome:
         """The user name if the credentials are well-formed, else the door's REJECT."""
-        return check_at_the_door(self.user, b"-" if self.digest else self.password)
+        sends_no_password = self.digest or self.scram is not None
+        return check_at_the_door(self.user, b"-" if sends_no_password else self.password)
 
-    async def check(self, chain: Chain, client: ClientIdentity) -> Decision:
+    async def check(self, protocol: SubmissionProtocol) -> Decision:
+        chain, client = protocol.app.chain, protocol.client
+        scram = self.scram
+        if scram is not None:
+
+            async def ask(challenge: bytes) -> bytes:
+                answer = await _response(protocol, challenge, None)
+                if answer is None:
+                    raise ExchangeEnded
+                return answer
+
+            async def prove(keys: ScramKeys | None) -> Outcome:
+                return await scram.prove(keys, ask)
+
+            return await chain.authenticate_scram(self.user, scram.hash_name, client, prove)
         if self.digest:
             return await chain.authenticate_cram_md5(self.user, self.challenge, self.digest, client)
         return await chain.authenticate(self.user, self.password, client)
@@ -63,6 +85,14 @@ async def run(protocol: SubmissionProtocol, arg: str | None) -> None:
         await protocol.push(request)
         return
     mechanism, initial = request
+    protocol.redact_replies = mechanism.startswith("SCRAM-")
+    try:
+        await _run(protocol, mechanism, initial)
+    finally:
+        protocol.redact_replies = False
+
+
+async def _run(protocol: SubmissionProtocol, mechanism: str, initial: bytes | None) -> None:
     try:
         credentials = await _read_credentials(protocol, mechanism, initial)
     except mechanisms.MalformedResponse as error:
@@ -70,12 +100,24 @@ async def run(protocol: SubmissionProtocol, arg: str | None) -> None:
         return
     if credentials is None:  # the client cancelled, or a reply was already sent
         return
-    decision = await _decide(protocol, mechanism, credentials)
+    try:
+        decision = await _decide(protocol, mechanism, credentials)
+    except ExchangeEnded:
+        return
     if decision is None:  # the limiter refused; the reply is out
         return
+    reply = _REPLIES.get(decision.verdict, REPLY_AUTH_BAD)
     if decision.verdict is Verdict.ACCEPT:
         protocol.authenticated(decision, mechanism)
-    await protocol.push(_REPLIES.get(decision.verdict, REPLY_AUTH_BAD))
+        if credentials.scram is not None and credentials.scram.server_final:
+            # RFC 4954's "additional data with success": the server-final in the 235, as
+            # its whole text (no enhanced status code: a client decodes all of it).
+            reply = f"235 {b64encode(credentials.scram.server_final).decode()}"
+            protocol._plain_replies = True
+    try:
+        await protocol.push(reply)
+    finally:
+        protocol._plain_replies = False
 
 
 def _request(protocol: SubmissionProtocol, arg: str | None) -> str | tuple[str, bytes | None]:
@@ -91,7 +133,7 @@ def _request(protocol: SubmissionProtocol, arg: str | None) -> str | tuple[str, 
     if not words or len(words) > 2:
         return "501 5.5.4 Syntax: AUTH mechanism [initial-response]"
     mechanism = words[0].upper()
-    if mechanism not in protocol.app.mechanisms:
+    if mechanism not in protocol.offered_mechanisms():
         return "504 5.5.4 Unrecognized authentication mechanism"
     return mechanism, words[1].encode("ascii", "replace") if len(words) == 2 else None
 
@@ -117,7 +159,7 @@ async def _decide(
         decision = refused_at_the_door(door)
     else:
         try:
-            decision = await credentials.check(app.chain, protocol.client)
+            decision = await credentials.check(protocol)
         except BaseException:
             if limiter is not None and ticket is not None:
                 limiter.abandon(ticket)  # the session ended mid-chain: give the guess back
@@ -194,6 +236,19 @@ async def _read_credentials(
             return None
         response = mechanisms.parse_cram_md5(blob)
         return Credentials(response.user, challenge=challenge, digest=response.digest)
+    if mechanism.startswith("SCRAM-"):
+        blob = await _response(protocol, b"", initial)
+        if blob is None:
+            return None
+        first = mechanisms.parse_scram_first(blob)
+        from ofmipd.scram import ScramExchange  # scramp: only for SCRAM logins
+
+        binding = protocol.channel_binding() if protocol.plus_offered() else None
+        final_in_235 = protocol.app.config.scram_final == "235"
+        exchange = ScramExchange(
+            mechanism, first.message, first.user.decode(), binding, final_in_235
+        )
+        return Credentials(first.user, scram=exchange)
     raise AssertionError(mechanism)
 
 

@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
     parser.add_argument(
+        "--mechanism",
+        type=str.upper,
+        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-1"),
+        default="PLAIN",
+        help="decide as this AUTH mechanism would: SCRAM runs a whole exchange with the "
+        "stores' SCRAM keys, playing the client with the password (default PLAIN)",
+    )
+    parser.add_argument(
         "--checkpassword",
         nargs=argparse.REMAINDER,
         metavar="PROG",
@@ -175,12 +183,46 @@ def ipauthmap_routes(chain: Chain, client: identity.ClientIdentity) -> list[str]
 
 
 async def authenticate(
-    chain: Chain, user: bytes, password: bytes, client: identity.ClientIdentity, try_all: bool
+    chain: Chain,
+    user: bytes,
+    password: bytes,
+    client: identity.ClientIdentity,
+    try_all: bool,
+    mechanism: str = "PLAIN",
 ) -> Decision:
     try:
+        if mechanism.startswith("SCRAM-"):
+            return await scram_exchange(chain, mechanism, user, password, client)
         return await chain.authenticate(user, password, client, try_all=try_all)
     finally:
         await close_backends(chain)
+
+
+async def scram_exchange(
+    chain: Chain, mechanism: str, user: bytes, password: bytes, client: identity.ClientIdentity
+) -> Decision:
+    """The chain's decision on a SCRAM login, with scramp's client in place of the remote one."""
+    from scramp import ScramClient
+    from scramp.utils import ScramException
+
+    from ofmipd.auth import Outcome, ScramKeys
+    from ofmipd.scram import ScramExchange
+
+    name = user.decode("utf-8", "replace")
+    scram_client = ScramClient([mechanism], name, password.decode("utf-8", "replace"))
+    exchange = ScramExchange(mechanism, scram_client.get_client_first(), name, None, True)
+
+    async def ask(server_first: bytes) -> bytes:
+        try:
+            scram_client.set_server_first(server_first.decode())
+            return scram_client.get_client_final().encode()
+        except ScramException:  # e.g. an iteration count scramp's client will not use
+            return b"c=biws,r=x,p=eA=="  # answered, and refused by the server side
+
+    async def prove(keys: ScramKeys | None) -> Outcome:
+        return await exchange.prove(keys, ask)
+
+    return await chain.authenticate_scram(user, exchange.hash_name, client, prove)
 
 
 async def close_backends(chain: Chain) -> None:
@@ -399,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     decision = asyncio.run(
-        authenticate(chain, args.user.encode(), password, view.client, try_all=args.all)
+        authenticate(chain, args.user.encode(), password, view.client, args.all, args.mechanism)
     )
     del password
     result = result_dict(decision, view, (time.perf_counter() - started) * 1000)

@@ -74,6 +74,7 @@ class Config(NamedTuple):
     syslog: bool = False
     auth: tuple[BackendSpec, ...] = ()
     auth_timeout: float = 30.0
+    scram_final: str | None = None  # None: "334" (a last challenge); "235": in the reply
     sendmail: str | None = None
     maildir: str | None = None
     injector_exits: str | None = None  # None: "sysexits"; see delivery.INJECTOR_EXITS
@@ -486,6 +487,11 @@ SETTINGS = (
     Setting("delivery_timeout", ("--delivery-timeout",),
             "time allowed for the injector and throttle script (default 300)",
             LIMITS, float, "SECONDS", toml="delivery.timeout"),
+    Setting("scram_final", ("--scram-final",),
+            "where SCRAM's server-final message goes: 334 (a last challenge the client answers "
+            "with an empty line; the default, which GNU SASL's msmtp needs) or 235 (in the "
+            "success reply, RFC 4954's additional data with success)",
+            GENERAL, metavar="REPLY", toml="scram_final", choices=("235", "334")),
     Setting("auth_timeout", ("--auth-timeout",),
             "time allowed for each authenticator (default 30)",
             LIMITS, float, "SECONDS", toml="auth_timeout"),

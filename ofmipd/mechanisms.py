@@ -1,4 +1,5 @@
-"""SASL mechanisms PLAIN, LOGIN and CRAM-MD5 as pure functions (no I/O; a fuzz target).
+"""SASL mechanisms PLAIN, LOGIN, CRAM-MD5 and SCRAM's first message as pure functions
+(no I/O; a fuzz target).
 
 The SMTP layer sends the challenges and reads the responses; these functions only
 decode what the client sent into credentials, or say why they cannot.
@@ -72,3 +73,25 @@ def parse_cram_md5(message: bytes) -> CramResponse:
 def cram_md5_challenge(hostname: str) -> bytes:
     """A unique msg-id-like challenge, as RFC 2195 describes."""
     return f"<{int.from_bytes(os.urandom(8), 'big')}.{int(time.time())}@{hostname}>".encode()
+
+
+class ScramFirst(NamedTuple):
+    user: bytes  # the name, unescaped, for the door and the stores
+    message: str  # the whole client-first message, for scramp
+
+
+def parse_scram_first(message: bytes) -> ScramFirst:
+    """RFC 5802: gs2-header client-first-message-bare, the bare part starting "n=user,".
+    Only the name is taken out here (the stores need it before the exchange goes on);
+    scramp checks the rest."""
+    try:
+        text = message.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedResponse("501 5.5.2 Malformed SCRAM client-first message") from None
+    parts = text.split(",", 3)
+    if len(parts) != 4 or not parts[2].startswith("n="):
+        raise MalformedResponse("501 5.5.2 Malformed SCRAM client-first message")
+    user = parts[2][2:]
+    if "=" in user.replace("=2C", "").replace("=3D", ""):
+        raise MalformedResponse("501 5.5.2 Malformed SCRAM user name")
+    return ScramFirst(user.replace("=2C", ",").replace("=3D", "=").encode("utf-8"), text)

@@ -102,6 +102,7 @@ class SubmissionProtocol(SMTP):
         self.last_user: str | None = None
         self.last_backend: str | None = None
         self._plain_replies = False
+        self.redact_replies = False  # during a SCRAM exchange: its messages stay out of logs
         self.errors = 0  # the client's, as Postfix's smtpd_hard_error_limit counts them
         self.our_fault = False  # the next reply is 4xx for our injector's failure, not theirs
         self.counted = False
@@ -356,9 +357,12 @@ class SubmissionProtocol(SMTP):
             # With SMTPUTF8 on, arguments that are not UTF-8 hold surrogates, and aiosmtpd
             # echoes some (VRFY): a '?' for each, not a UnicodeEncodeError.
             status = status.encode("utf-8", errors="replace").decode("utf-8")
-        if self.app.config.debug:
-            log.debug("session %s << %s", self.session_id, status)
-        await super().push(status)
+        if self.redact_replies:
+            await self._push_unlogged(status)
+        else:
+            if self.app.config.debug:
+                log.debug("session %s << %s", self.session_id, status)
+            await super().push(status)
         if self.close_after_reply:
             self._close()
             return
@@ -375,6 +379,15 @@ class SubmissionProtocol(SMTP):
                 )
                 await super().push("421 4.7.0 Too many errors, closing connection")
                 self._close()
+
+    async def _push_unlogged(self, status: str | bytes) -> None:
+        """A reply in a SCRAM exchange: aiosmtpd's push would put it in its debug trace."""
+        data = status.encode("ascii", "replace") if isinstance(status, str) else status
+        if self.app.config.debug:
+            log.debug("session %s << %s <redacted>", self.session_id, data[:3].decode())
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(data + b"\r\n")
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """aiosmtpd calls this for every command: push the idle deadline back."""
@@ -486,6 +499,35 @@ class SubmissionProtocol(SMTP):
     def auth_allowed_now(self) -> bool:
         return not self.policy.tls_required or self.tls_active
 
+    def _own_certificate(self) -> bytes | None:
+        """The DER certificate of this session's own TLS (not a terminator's in front)."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is None:
+            return None
+        from ofmipd.tls import certificate_der
+
+        return certificate_der(ssl_object.context)
+
+    def plus_offered(self) -> bool:
+        """SCRAM-*-PLUS binds to our own TLS session, so only there is it offered."""
+        return any(m.endswith("-PLUS") for m in self.app.mechanisms) and (
+            self._own_certificate() is not None
+        )
+
+    def channel_binding(self) -> bytes | None:
+        """RFC 5929 tls-server-end-point data for this session."""
+        der = self._own_certificate()
+        if der is None:
+            return None
+        from ofmipd.scram import end_point_hash
+
+        return end_point_hash(der)
+
+    def offered_mechanisms(self) -> tuple[str, ...]:
+        if self.plus_offered():
+            return self.app.mechanisms
+        return tuple(m for m in self.app.mechanisms if not m.endswith("-PLUS"))
+
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
@@ -507,7 +549,7 @@ class SubmissionProtocol(SMTP):
         if self.tls_context is not None and not self.tls_active:
             lines.append("STARTTLS")
         if self.auth_allowed_now():
-            lines.append("AUTH " + " ".join(self.app.mechanisms))
+            lines.append("AUTH " + " ".join(self.offered_mechanisms()))
         # One write for the whole reply: one packet, not one per extension.
         reply = "".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}"
         self._plain_replies = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import weakref
 
 from ofmipd.errors import ConfigError
 
@@ -34,7 +35,27 @@ def server_context(cert: str | None, key: str | None, ciphers: str | None) -> ss
     except (ssl.SSLError, OSError) as error:
         where = f"{cert}" + (f" / {key}" if key else "")
         raise ConfigError(f"TLS certificate {where}: cannot load ({error})") from None
+    _remember_certificate(context, cert)
     return context
+
+
+# context -> its leaf certificate (DER), read at start-up while the file is readable, for
+# SCRAM-*-PLUS's tls-server-end-point binding (Python's SSLObject cannot give our own).
+_CERTIFICATES: weakref.WeakKeyDictionary[ssl.SSLContext, bytes] = weakref.WeakKeyDictionary()
+_PEM_BEGIN, _PEM_END = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+
+
+def _remember_certificate(context: ssl.SSLContext, cert: str) -> None:
+    with open(cert, encoding="ascii", errors="replace") as file:
+        text = file.read()
+    start = text.find(_PEM_BEGIN)
+    end = text.find(_PEM_END, start)
+    if start >= 0 and end > start:  # load_cert_chain took the same first block
+        _CERTIFICATES[context] = ssl.PEM_cert_to_DER_cert(text[start : end + len(_PEM_END)])
+
+
+def certificate_der(context: ssl.SSLContext) -> bytes | None:
+    return _CERTIFICATES.get(context)
 
 
 def handshake_failure(error: BaseException | None, *, timed_out: bool) -> str:
