@@ -72,7 +72,7 @@ class AuthFile:
         except Unavailable as error:
             raise ConfigError(str(error)) from None
         log.info("authfile %s: %d users", path, len(users))
-        # (lowercased name, hash) -> (the password they came from, its keys)
+        # (name, hash) -> (the password they came from, its keys)
         self._scram: dict[tuple[str, str], tuple[bytes, ScramKeys]] = {}
         self._salts: dict[str, bytes] = {}
 
@@ -112,12 +112,15 @@ class AuthFile:
         name, password = entry
         return Found(Secret(password), name)
 
-    async def scram_keys(self, user: str, hash_name: str) -> list[ScramKeys] | Outcome:
+    async def scram_keys(
+        self, user: str, mechanism: str, client: ClientIdentity
+    ) -> list[ScramKeys] | Outcome:
+        hash_name = mechanism.removeprefix("SCRAM-").removesuffix("-PLUS")
         entry = self._find(user)
         if isinstance(entry, Outcome):
             return entry
         name, password = entry
-        key = (name.lower(), hash_name)
+        key = (name, hash_name)  # the name as the file spells it: keys carry it
         cached = self._scram.get(key)
         if cached is not None and cached[0] == password:  # re-derived when the file changes
             return [cached[1]]
@@ -129,7 +132,7 @@ class AuthFile:
 
         salt = self._salts.setdefault(name.lower(), os.urandom(16))
         try:
-            keys = derive_keys(text, hash_name, salt, None)
+            keys = derive_keys(text, hash_name, salt, None)._replace(user=name)
         except ValueError:  # SASLprep refuses some passwords
             return reject(f"password of {name} in {self.path} fails SASLprep: no SCRAM keys")
         self._scram[key] = (password, keys)

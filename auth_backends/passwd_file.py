@@ -11,6 +11,11 @@ number of app passwords, each with a unique `label=` and its own scope (`allow_n
 this client accepts; the Outcome names the label, never the password. `nologin` on any of
 the user's lines turns the whole account off (app passwords too).
 
+SCRAM: `{SCRAM-*}` lines hand over their keys, `{PLAIN}` lines derive them (one salt per
+user); one-way hashes cannot serve SCRAM. Each key carries the reason its line's scope
+refuses this client, judged as for PLAIN, so a right proof out of scope is refused with
+that reason (see auth.scram_candidates for which lines one exchange can check).
+
 The file is the admin's, so a line we cannot read is refused with its number, rather
 than skipped: a skipped line could be someone's only way in, or the line that disabled
 them. The whole file is then unusable (TEMPFAIL, or no start-up) until it is fixed.
@@ -311,6 +316,12 @@ def matches(entry: Entry, password: bytes) -> bool:
         return False
 
 
+def nologin_refusal(account: Account, user: str, path: str) -> str | None:
+    if account.nologin is None:
+        return None
+    return f"nologin for {user} in {path}" + (f": {account.nologin}" if account.nologin else "")
+
+
 def check(
     table: Table, path: str, user: str, password: bytes, client: ClientIdentity
 ) -> tuple[Outcome, Line | None]:
@@ -324,9 +335,9 @@ def check(
     for line in account.lines:
         if not matches(line.entry, password):
             continue
-        if account.nologin is not None:
-            reason = f": {account.nologin}" if account.nologin else ""
-            return reject(f"nologin for {user} in {path}{reason}"), None
+        nologin = nologin_refusal(account, user, path)
+        if nologin is not None:
+            return reject(nologin), None
         why = line.refusal(user, client, PASSWORD_MECHANISMS)
         if why is None:
             what = f"app password {line.label!r}" if line.label else "password"
@@ -335,34 +346,42 @@ def check(
     return reject(refusal or f"password mismatch for {user} in {path}"), None
 
 
-def keys_for(table: Table, user: str, hash_name: str) -> list[ScramKeys] | Outcome:
-    """SCRAM keys of the user's lines that can serve SCRAM-`hash_name`, from any client."""
-    scheme = f"SCRAM-{hash_name}"
+def plain_salt(user: str) -> bytes:
+    """The salt of keys derived from a user's {PLAIN} lines: one per user (so that all
+    of them can answer one exchange) and stable (so that a client may cache its proof)."""
+    return hashlib.sha256(f"ofmipd-scram\0{user}".encode()).digest()[:16]
+
+
+def keys_for(
+    table: Table, path: str, user: str, mechanism: str, client: ClientIdentity
+) -> list[ScramKeys] | Outcome:
+    """SCRAM keys of the user's lines that can serve `mechanism` (SCRAM-SHA-256[-PLUS]),
+    each with the reason its scope refuses this client, if it does. The scope is judged
+    as for PLAIN (nologin, allow_nets, expires=, mechanisms=); the exchange then tells a
+    right password out of scope from a wrong one."""
+    scheme = mechanism.removesuffix("-PLUS")
+    # mechanisms=SCRAM-SHA-256 admits its -PLUS variant too (the same keys, bound to TLS);
+    # mechanisms=SCRAM-SHA-256-PLUS alone refuses the unbound one.
+    served = frozenset({mechanism, scheme})
     account = table.users.get(user)
     if account is None:
-        return reject("no such user")
-    if account.nologin is not None:
-        return reject(f"nologin for {user}" + (f": {account.nologin}" if account.nologin else ""))
-    today = datetime.datetime.now(datetime.UTC).date()
+        return reject(f"no such user in {path}")
+    nologin = nologin_refusal(account, user, path)
     keys = []
     for line in account.lines:
-        if line.nets is not None:
-            continue  # scram_keys is not told the client: a net-scoped line cannot be checked
-        if line.expires is not None and line.expires < today:
-            continue
-        if line.mechanisms is not None and not {scheme, scheme + "-PLUS"} & line.mechanisms:
-            continue
         if line.scheme == scheme:
-            keys.append(SCRAM[scheme].parse(line.entry.hash, line.label))
+            found = SCRAM[scheme].parse(line.entry.hash, line.label)
         elif line.entry.handler is PlainScheme:
-            # A salt of its own per user and line, stable, so a client may cache its proof.
-            digest = SCRAM[scheme].digest
-            salt = hashlib.sha256(f"{user}\0{line.number}".encode()).digest()[:16]
+            digest, salt = SCRAM[scheme].digest, plain_salt(user)
             password = line.entry.hash.encode("utf-8", "surrogateescape")
             stored, server = derive(password, salt, SCRAM_ITERATIONS, digest)
-            keys.append(ScramKeys(salt, SCRAM_ITERATIONS, stored, server, line.label))
+            found = ScramKeys(salt, SCRAM_ITERATIONS, stored, server, line.label)
+        else:
+            continue  # a one-way hash of the password: no SCRAM keys in it
+        refusal = nologin or line.refusal(user, client, served)
+        keys.append(found._replace(user=user, refusal=refusal))
     if not keys:
-        return reject(f"no {scheme} credentials for {user}")
+        return reject(f"no {scheme} credentials for {user} in {path}")
     return keys
 
 
@@ -401,11 +420,13 @@ class PasswdFile:
             return table, None
         return check(table, self.path, user, password, client)
 
-    def _keys_blocking(self, user: str, hash_name: str) -> list[ScramKeys] | Outcome:
+    def _keys_blocking(
+        self, user: str, mechanism: str, client: ClientIdentity
+    ) -> list[ScramKeys] | Outcome:
         table = self._table()
         if isinstance(table, Outcome):
             return table
-        return keys_for(table, user, hash_name)
+        return keys_for(table, self.path, user, mechanism, client)
 
     async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
         outcome, line = await self.offload.run(self._verify_blocking, user, secret.reveal(), client)
@@ -425,10 +446,12 @@ class PasswdFile:
         except StoreDown as error:  # a login does not fail for want of a footnote
             log.warning("passwd-file: last use of %s/%s not recorded: %s", user, label, error)
 
-    async def scram_keys(self, user: str, hash_name: str) -> list[ScramKeys] | Outcome:
-        if f"SCRAM-{hash_name}" not in SCRAM:
-            return tempfail(f"no SCRAM-{hash_name} in a passwd-file")
-        return await self.offload.run(self._keys_blocking, user, hash_name)
+    async def scram_keys(
+        self, user: str, mechanism: str, client: ClientIdentity
+    ) -> list[ScramKeys] | Outcome:
+        if mechanism.removesuffix("-PLUS") not in SCRAM:
+            return tempfail(f"no {mechanism} in a passwd-file")
+        return await self.offload.run(self._keys_blocking, user, mechanism, client)
 
     async def close(self) -> None:
         self.offload.close()

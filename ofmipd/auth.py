@@ -112,30 +112,43 @@ class ScramKeys(NamedTuple):  # RFC 5802 stored credentials for one hash
     stored_key: bytes
     server_key: bytes
     label: str | None  # an app password's label, None for the main one
+    user: str | None = None  # the store's canonical name for the user
+    # Why this credential may not log this client in (scope, expiry, mechanisms=, nologin),
+    # None if it may. Out-of-scope keys still take part, so that a right proof is told
+    # apart from a wrong one in the log, as for PLAIN.
+    refusal: str | None = None
 
 
 @runtime_checkable
 class ScramSource(Protocol):
     """Optional capability; SCRAM-* is offered only if every backend has it."""
 
-    async def scram_keys(self, user: str, hash_name: str) -> list[ScramKeys] | Outcome: ...
+    async def scram_keys(
+        self, user: str, mechanism: str, client: ClientIdentity
+    ) -> list[ScramKeys] | Outcome: ...
 
-    # hash_name "SHA-256" or "SHA-1"; REJECT Outcome for an unknown user
-
-
-# The SCRAM exchange with the client, given the keys it must prove (None: nobody knows
-# the user, so the exchange runs against keys no password matches).
-Prove = Callable[[ScramKeys | None], Awaitable[Outcome]]
+    # mechanism e.g. "SCRAM-SHA-256-PLUS"; REJECT Outcome for an unknown user
 
 
-def committed_keys(keys: Sequence[ScramKeys]) -> ScramKeys:
-    """The one credential a SCRAM exchange uses when a user has several.
+# The SCRAM exchange with the client, given the credentials a proof may match (empty:
+# nobody knows the user, so the exchange runs against keys no password matches).
+Prove = Callable[[Sequence[ScramKeys]], Awaitable[Outcome]]
 
-    The server-first message names one salt before the client proves anything, so only
-    one credential can be tried: the main password if there is one, else the first app
-    password. (Dovecot's passdb, too, answers a credentials lookup with one entry.)
+
+def scram_candidates(keys: Sequence[ScramKeys]) -> list[ScramKeys]:
+    """The credentials one SCRAM exchange can check, the one whose salt is sent first.
+
+    The server-first message names one salt and iteration count before the client proves
+    anything, so the exchange commits to one credential: the first that this client may
+    use (the main password before app passwords, else file order), or when none may, the
+    first (so that a right password is told "out of scope" rather than "mismatch"). A
+    proof is then checked against every credential with that same salt and count, those
+    in scope first: that is how several app passwords of one user all work with SCRAM
+    (ofmipd-passwd gives a user's SCRAM lines one salt).
     """
-    return next((k for k in keys if k.label is None), keys[0])
+    ordered = sorted(keys, key=lambda k: (k.refusal is not None, k.label is not None))
+    first = ordered[0]
+    return [k for k in ordered if (k.salt, k.iterations) == (first.salt, first.iterations)]
 
 
 # One question the chain puts to each backend in turn: verify, or look up for CRAM-MD5.
@@ -277,7 +290,7 @@ class Chain:
         return await self._ask_each(name, by_digest, try_all=False)
 
     async def authenticate_scram(
-        self, user: bytes, hash_name: str, client: ClientIdentity, prove: Prove
+        self, user: bytes, mechanism: str, client: ClientIdentity, prove: Prove
     ) -> Decision:
         """The first backend that knows the user hands over its keys; the client's
         proof against them decides (a later backend cannot be tried: the salt is sent).
@@ -290,13 +303,13 @@ class Chain:
         async def lookup(backend: Authenticator) -> Outcome:
             if not isinstance(backend, ScramSource):  # SCRAM is not offered then
                 return tempfail("cannot hand over SCRAM keys")
-            keys = await backend.scram_keys(name, hash_name)
+            keys = await backend.scram_keys(name, mechanism, client)
             if isinstance(keys, Outcome):
                 if keys.verdict is Verdict.ACCEPT:  # "found" needs the keys with it
                     return tempfail("SCRAM key lookup accepted without keys")
                 return keys
             if not keys:
-                return reject(f"no SCRAM-{hash_name} credentials for {name}")
+                return reject(f"no {mechanism} credentials for {name}")
             found.extend(keys)
             return accept("SCRAM keys found")
 
@@ -306,12 +319,12 @@ class Chain:
             outcome = await self._contained(backend, lookup)
             ms = (time.perf_counter() - started) * 1000
             if outcome.verdict is Verdict.ACCEPT:
-                outcome = await prove(committed_keys(found))
+                outcome = await prove(scram_candidates(found))
                 attempts.append(Attempt(backend.name, backend.target, outcome, ms))
                 return self._decision(name, attempts)
             attempts.append(Attempt(backend.name, backend.target, outcome, ms))
         if not any(a.outcome.verdict is Verdict.TEMPFAIL for a in attempts):
-            await prove(None)  # an unknown user costs the client the same round trips
+            await prove(())  # an unknown user costs the client the same round trips
         return self._decision(name, attempts)
 
     async def _ask_each(self, name: str, ask: Ask, *, try_all: bool) -> Decision:

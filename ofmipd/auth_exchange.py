@@ -27,6 +27,8 @@ from ofmipd.replies import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ofmipd.auth import ScramKeys
     from ofmipd.scram import ScramExchange
     from ofmipd.smtp import SubmissionProtocol
@@ -69,10 +71,10 @@ class Credentials(NamedTuple):
                     raise ExchangeEnded
                 return answer
 
-            async def prove(keys: ScramKeys | None) -> Outcome:
-                return await scram.prove(keys, ask)
+            async def prove(candidates: Sequence[ScramKeys]) -> Outcome:
+                return await scram.prove(candidates, ask)
 
-            return await chain.authenticate_scram(self.user, scram.hash_name, client, prove)
+            return await chain.authenticate_scram(self.user, scram.mechanism, client, prove)
         if self.digest:
             return await chain.authenticate_cram_md5(self.user, self.challenge, self.digest, client)
         return await chain.authenticate(self.user, self.password, client)

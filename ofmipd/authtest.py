@@ -202,6 +202,8 @@ async def scram_exchange(
     chain: Chain, mechanism: str, user: bytes, password: bytes, client: identity.ClientIdentity
 ) -> Decision:
     """The chain's decision on a SCRAM login, with scramp's client in place of the remote one."""
+    from collections.abc import Sequence
+
     from scramp import ScramClient
     from scramp.utils import ScramException
 
@@ -219,10 +221,10 @@ async def scram_exchange(
         except ScramException:  # e.g. an iteration count scramp's client will not use
             return b"c=biws,r=x,p=eA=="  # answered, and refused by the server side
 
-    async def prove(keys: ScramKeys | None) -> Outcome:
-        return await exchange.prove(keys, ask)
+    async def prove(candidates: Sequence[ScramKeys]) -> Outcome:
+        return await exchange.prove(candidates, ask)
 
-    return await chain.authenticate_scram(user, exchange.hash_name, client, prove)
+    return await chain.authenticate_scram(user, exchange.mechanism, client, prove)
 
 
 async def close_backends(chain: Chain) -> None:

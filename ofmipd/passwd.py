@@ -86,14 +86,15 @@ def file_from_config(path: str) -> str:
     raise ConfigError(f'config {path}: no [[auth]] kind = "passwd-file" with a path')
 
 
-def hash_password(password: bytes, scheme: str) -> str:
-    """{SCHEME}hash, as `doveadm pw -s SCHEME` would write it."""
+def hash_password(password: bytes, scheme: str, salt: bytes | None = None) -> str:
+    """{SCHEME}hash, as `doveadm pw -s SCHEME` would write it. `salt`: a SCRAM salt to
+    use rather than a new random one (see shared_salt)."""
     import base64
 
     from auth_backends import passwd_file
 
     if scheme in passwd_file.SCRAM:
-        salt = os.urandom(16)
+        salt = salt or os.urandom(16)
         iterations = passwd_file.SCRAM_ITERATIONS
         stored, server = passwd_file.derive(
             password, salt, iterations, passwd_file.SCRAM[scheme].digest
@@ -111,6 +112,38 @@ def hash_password(password: bytes, scheme: str) -> str:
     elif scheme == "ARGON2ID":
         handler = handler.using(type="ID")
     return f"{{{scheme}}}" + handler.hash(password).removeprefix(prefix)
+
+
+def shared_salt(lines: list[str], user: str, scheme: str, skip_main: bool = False) -> bytes | None:
+    """The salt of `user`'s {`scheme`} lines (SCRAM only), so that a new one gets it too.
+
+    A SCRAM exchange sends one salt before the client proves anything, so only the lines
+    with that salt can be checked (auth.scram_candidates): with one salt per user and
+    hash, every app password of the user works with SCRAM. This costs nothing worth
+    having: the salt is still random and the user's own, so tables and work on other
+    users stay useless; a guess at the main password still costs one PBKDF2 (it now also
+    tests the app passwords, which are 138 random bits: out of reach anyway); and a salt
+    is no secret, SCRAM sends it to anyone who asks. `skip_main`: the main password is
+    being replaced, so its salt does not count.
+    """
+    from auth_backends import passwd_file
+
+    if scheme not in passwd_file.SCRAM:
+        return None
+    for line in lines:
+        owner = owner_and_label(line)
+        if owner is None or owner[0] != user or (skip_main and owner[1] is None):
+            continue
+        hashed = line.strip().split(":", 7)[1]
+        if not hashed.upper().startswith(f"{{{scheme}}}"):
+            continue
+        try:
+            keys = passwd_file.SCRAM[scheme].parse(hashed[len(scheme) + 2 :])
+        except ValueError:
+            continue
+        if keys.iterations == passwd_file.SCRAM_ITERATIONS:
+            return keys.salt
+    return None
 
 
 def read_password() -> bytes:
@@ -217,9 +250,10 @@ def edit(path: str, change: Callable[[list[str]], list[str]]) -> None:
 
 
 def add(path: str, user: str, scheme: str) -> int:
-    hashed = hash_password(read_password(), scheme)
+    password = read_password()
 
     def change(lines: list[str]) -> list[str]:
+        hashed = hash_password(password, scheme, shared_salt(lines, user, scheme, skip_main=True))
         owners = [owner_and_label(line) for line in lines]
         if (user, None) in owners:
             i = owners.index((user, None))
@@ -245,12 +279,13 @@ def app_add(path: str, args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value:
             extra.append(f"{key}={shlex.quote(value)}")
-    line = f"{args.user}:{hash_password(password.encode(), args.scheme)}::::::{' '.join(extra)}"
 
     def change(lines: list[str]) -> list[str]:
         if (args.user, args.label) in {owner_and_label(old) for old in lines}:
             raise ConfigError(f"{args.user} already has an app password {args.label!r}")
-        return [*lines, line]
+        salt = shared_salt(lines, args.user, args.scheme)
+        hashed = hash_password(password.encode(), args.scheme, salt)
+        return [*lines, f"{args.user}:{hashed}::::::{' '.join(extra)}"]
 
     edit(path, change)
     print(f"app password {args.label!r} of {args.user} added; it is shown only once:")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from scramp import ScramMechanism
 from scramp.core import CBindData
@@ -84,35 +85,73 @@ class ScramExchange:
     def hash_name(self) -> str:
         return hash_of(self.mechanism)
 
-    async def prove(self, keys: ScramKeys | None, ask: Ask) -> Outcome:
+    async def prove(self, candidates: Sequence[ScramKeys], ask: Ask) -> Outcome:
+        """Run the exchange against the first candidate's salt; the proof may match any
+        candidate (they share that salt and iteration count: see auth.scram_candidates).
+        No candidates: an unknown user, answered with a stable fake salt."""
+        first = candidates[0] if candidates else None
         auth_info = (
-            (keys.salt, keys.stored_key, keys.server_key, keys.iterations)
-            if keys is not None
+            (first.salt, first.stored_key, first.server_key, first.iterations)
+            if first is not None
             else _fake_keys(self.user, self.hash_name)
         )
-        channel = (END_POINT, self.binding) if self.binding is not None else None
         try:
-            server = ScramMechanism(self.mechanism).make_server(
-                lambda _name: auth_info, channel_binding=channel
-            )
+            server = self._server(auth_info)
             server.set_client_first(self.first)
             server_first = server.get_server_first()
         except ScramException as error:
             return reject(f"{self.mechanism}: {_why(error)}")
         final = await ask(server_first.encode())
         try:
-            server.set_client_final(final.decode("utf-8"))
+            text = final.decode("utf-8")
+            keys, server = self._matching(server, server_first, text, candidates)
         except (ScramException, UnicodeDecodeError) as error:
             return reject(f"{self.mechanism}: {_why(error)}")
-        if keys is None:  # unreachable in practice: fake keys match no proof
-            return reject(f"{self.mechanism}: no keys")
+        if keys.refusal is not None:  # the right password, from where it may not be used
+            return reject(f"{self.mechanism}: {keys.refusal}")
         server_final = server.get_server_final().encode()
         if self.final_in_235:
             self.server_final = server_final
         elif await ask(server_final):
             return reject(f"{self.mechanism}: data after the server-final message")
-        label = f" (app password {keys.label})" if keys.label else ""
-        return accept(f"{self.mechanism} proof matches{label}")
+        label = f" (app password {keys.label!r})" if keys.label else ""
+        return accept(f"{self.mechanism} proof matches{label}", keys.user)
+
+    def _server(self, auth_info: tuple[bytes, bytes, bytes, int], nonce: str | None = None) -> Any:
+        channel = (END_POINT, self.binding) if self.binding is not None else None
+        return ScramMechanism(self.mechanism).make_server(
+            lambda _name: auth_info, channel_binding=channel, s_nonce=nonce
+        )
+
+    def _matching(
+        self, server: Any, server_first: str, final: str, candidates: Sequence[ScramKeys]
+    ) -> tuple[ScramKeys, Any]:
+        """The candidate the client-final proves, with the scramp server that checked it;
+        ScramException (proof mismatch, or what the first check found) when none does.
+        Each further candidate is a scramp server replaying the same server-first (same
+        nonce, salt and count), so scramp does every check: nothing is hand-written."""
+        try:
+            server.set_client_final(final)
+        except ScramException as error:
+            if error.server_error != ServerError.INVALID_PROOF or not candidates:
+                raise
+            mismatch = error
+        else:
+            return candidates[0], server
+        for keys in candidates[1:]:
+            info = (keys.salt, keys.stored_key, keys.server_key, keys.iterations)
+            other = self._server(info, str(server.s_nonce))
+            other.set_client_first(self.first)
+            if other.get_server_first() != server_first:  # not the same salt: cannot match
+                continue
+            try:
+                other.set_client_final(final)
+            except ScramException as error:
+                if error.server_error != ServerError.INVALID_PROOF:
+                    raise
+                continue
+            return keys, other
+        raise mismatch
 
 
 _WHY = {

@@ -294,3 +294,31 @@ def test_add_prompts_twice_without_echo_on_a_terminal(path: Path) -> None:
     assert PASSWORD not in text, text  # not echoed
     assert os.waitstatus_to_exitcode(status) == 0, text
     assert verify(path, "alice", PASSWORD)[0] is Verdict.ACCEPT
+
+
+def test_a_users_scram_lines_share_one_salt_so_each_logs_in_with_scram(path: Path) -> None:
+    from auth_backends.passwd_file import SCRAM
+    from ofmipd.auth import Chain
+    from ofmipd.authtest import scram_exchange
+
+    assert passwd("--file", str(path), "app-add", "alice", "phone").returncode == 0
+    assert passwd("--file", str(path), "add", "alice").returncode == 0  # main after an app
+    tablet = passwd("--file", str(path), "app-add", "alice", "tablet").stdout.split()[-1]
+    phone_line = passwd("--file", str(path), "app-add", "bob", "phone")
+    assert phone_line.returncode == 0
+    assert passwd("--file", str(path), "add", "alice").returncode == 0  # replaced: same salt
+    salts = {}
+    for line in path.read_text().splitlines():
+        user, hashed = line.split(":")[:2]
+        salts.setdefault(user, set()).add(SCRAM["SCRAM-SHA-256"].parse(hashed[15:]).salt)
+    assert len(salts["alice"]) == 1 and len(salts["bob"]) == 1
+    assert salts["alice"] != salts["bob"]  # still random, and each user's own
+
+    backend = PasswdFile(str(path), workers=1, timeout=10)
+    chain, client = Chain([backend]), ClientIdentity("192.0.2.8")
+    for password, reason in ((PASSWORD, "proof matches"), (tablet, "(app password 'tablet')")):
+        decision = asyncio.run(
+            scram_exchange(chain, "SCRAM-SHA-256", b"alice", password.encode(), client)
+        )
+        assert decision.verdict is Verdict.ACCEPT and decision.reason.endswith(reason), decision
+    asyncio.run(backend.close())

@@ -18,7 +18,7 @@ import pytest
 from auth_backends import BackendSpec
 from auth_backends import create as create_backend
 from auth_backends.passwd_file import PasswdFile
-from ofmipd.auth import Outcome, ScramKeys, ScramSource, Secret, Verdict
+from ofmipd.auth import Chain, Decision, Outcome, ScramKeys, ScramSource, Secret, Verdict
 from ofmipd.errors import ConfigError
 from ofmipd.identity import ClientIdentity
 
@@ -251,8 +251,9 @@ def test_mechanisms_scope_keeps_a_scram_only_password_from_plain(path: Path) -> 
     outcome = verify(backend, "alice", PASSWORD)
     assert outcome.verdict is Verdict.REJECT
     assert "limited to mechanisms=SCRAM-SHA-256" in outcome.reason
-    keys = asyncio.run(backend.scram_keys("alice", "SHA-256"))
+    keys = asyncio.run(backend.scram_keys("alice", "SCRAM-SHA-256", CLIENT))
     assert isinstance(keys, list) and [k.label for k in keys] == ["mutt"]
+    assert keys[0].refusal is None
 
 
 def client_proof_matches(keys: ScramKeys, password: str, digest: str) -> bool:
@@ -270,23 +271,137 @@ def test_scram_keys_come_from_doveadm_entries_and_plaintext(path: Path) -> None:
         f"alice:{doveadm_pw('SCRAM-SHA-1', 'sha1-app-pw-4')}::::::label=old-client\n"
         "alice:{PLAIN}plain-app-pw-5::::::label=plain\n"
         f"alice:{doveadm_pw('BLF-CRYPT', 'bcrypt-app-pw')}::::::label=bcrypt\n"
-        "alice:{PLAIN}netted-app-pw::::::label=netted allow_nets=192.0.2.0/24\n"
+        "alice:{PLAIN}netted-app-pw::::::label=netted allow_nets=10.0.0.0/8\n"
         "bob:{PLAIN}bob-pw::::::nologin\n"
     )
     backend = open_file(write(path, text))
     assert isinstance(backend, ScramSource)
-    sha256 = asyncio.run(backend.scram_keys("alice", "SHA-256"))
+    sha256 = asyncio.run(backend.scram_keys("alice", "SCRAM-SHA-256", CLIENT))
     assert isinstance(sha256, list)
-    assert [k.label for k in sha256] == [None, "plain"]  # bcrypt cannot; nets cannot be checked
+    assert [k.label for k in sha256] == [None, "plain", "netted"]  # bcrypt cannot
+    assert {k.user for k in sha256} == {"alice"}
+    assert [k.refusal is None for k in sha256] == [True, True, False]
+    assert "not allowed from 192.0.2.7: allow_nets=10.0.0.0/8" in (sha256[2].refusal or "")
     assert client_proof_matches(sha256[0], PASSWORD, "sha256")
     assert client_proof_matches(sha256[1], "plain-app-pw-5", "sha256")
-    sha1 = asyncio.run(backend.scram_keys("alice", "SHA-1"))
-    assert isinstance(sha1, list) and [k.label for k in sha1] == ["old-client", "plain"]
+    assert sha256[1].salt == sha256[2].salt  # a user's {PLAIN} lines share one salt
+    inside = asyncio.run(backend.scram_keys("alice", "SCRAM-SHA-256", ClientIdentity("10.0.0.1")))
+    assert isinstance(inside, list) and inside[2].refusal is None
+    sha1 = asyncio.run(backend.scram_keys("alice", "SCRAM-SHA-1-PLUS", CLIENT))
+    assert isinstance(sha1, list) and [k.label for k in sha1] == ["old-client", "plain", "netted"]
     assert client_proof_matches(sha1[0], "sha1-app-pw-4", "sha1")
-    unknown = asyncio.run(backend.scram_keys("mallory", "SHA-256"))
+    unknown = asyncio.run(backend.scram_keys("mallory", "SCRAM-SHA-256", CLIENT))
     assert isinstance(unknown, Outcome) and unknown.verdict is Verdict.REJECT
-    nologin = asyncio.run(backend.scram_keys("bob", "SHA-256"))
-    assert isinstance(nologin, Outcome) and "nologin" in nologin.reason
+    nologin = asyncio.run(backend.scram_keys("bob", "SCRAM-SHA-256", CLIENT))
+    assert isinstance(nologin, list) and "nologin for bob" in (nologin[0].refusal or "")
+
+
+# ---- SCRAM decisions: the chain, ofmipd's exchange and scramp's client, in-process ------
+
+
+def scram(
+    backend: PasswdFile,
+    user: str,
+    password: str,
+    client: ClientIdentity = CLIENT,
+    mechanism: str = "SCRAM-SHA-256",
+) -> Decision:
+    """The decision on one SCRAM login, as the server makes it (ofmipd-authtest's way)."""
+    from ofmipd.authtest import scram_exchange
+
+    chain = Chain([backend])
+    return asyncio.run(scram_exchange(chain, mechanism, user.encode(), password.encode(), client))
+
+
+def test_scram_honours_allow_nets_expiry_mechanisms_and_nologin(path: Path) -> None:
+    text = (
+        f"alice:{doveadm_pw('SCRAM-SHA-256')}::::::allow_nets=10.0.0.0/8\n"
+        f"bob:{doveadm_pw('SCRAM-SHA-256', 'bob-old-pw')}::::::label=old expires=2020-01-31\n"
+        f"carol:{doveadm_pw('SCRAM-SHA-256', 'carol-pw-1')}::::::mechanisms=SCRAM-SHA-256-PLUS\n"
+        f'dave:{doveadm_pw("SCRAM-SHA-256", "dave-pw-2")}::::::nologin reason="left in May"\n'
+        f"erin:{doveadm_pw('SCRAM-SHA-1', 'erin-pw-3')}::::::mechanisms=PLAIN\n"
+    )
+    backend = open_file(write(path, text))
+    inside = scram(backend, "alice", PASSWORD, ClientIdentity("10.1.2.3"))
+    assert inside.verdict is Verdict.ACCEPT and inside.user == "alice", inside
+    outside = scram(backend, "alice", PASSWORD)
+    assert outside.verdict is Verdict.REJECT
+    assert outside.reason == (
+        "SCRAM-SHA-256: password of alice is not allowed from 192.0.2.7: allow_nets=10.0.0.0/8"
+    )
+    # A wrong password from outside is a plain mismatch: the scope is not revealed.
+    assert scram(backend, "alice", "wrong-pw-1").reason == "SCRAM-SHA-256: proof mismatch"
+    expired = scram(backend, "bob", "bob-old-pw")
+    assert expired.verdict is Verdict.REJECT and "'old' of bob expired on 2020-01-31" in (
+        expired.reason
+    )
+    unbound = scram(backend, "carol", "carol-pw-1")
+    assert unbound.verdict is Verdict.REJECT
+    assert "limited to mechanisms=SCRAM-SHA-256-PLUS" in unbound.reason
+    nologin = scram(backend, "dave", "dave-pw-2")
+    assert nologin.verdict is Verdict.REJECT and "nologin for dave" in nologin.reason
+    assert "left in May" in nologin.reason
+    plain_only = scram(backend, "erin", "erin-pw-3", mechanism="SCRAM-SHA-1")
+    assert plain_only.verdict is Verdict.REJECT and "limited to mechanisms=PLAIN" in (
+        plain_only.reason
+    )
+    assert verify(backend, "erin", "erin-pw-3").verdict is Verdict.ACCEPT  # its own mechanism
+
+
+def test_scram_checks_every_in_scope_line_with_the_offered_salt(path: Path) -> None:
+    """One salt goes out, so lines sharing it (as ofmipd-passwd writes them) all work; a
+    doveadm line with a salt of its own works only when it is the one offered."""
+    from ofmipd.passwd import hash_password
+
+    salt = os.urandom(16)
+    main = hash_password(PASSWORD.encode(), "SCRAM-SHA-256", salt)
+    phone = hash_password(b"phone-app-pw-1", "SCRAM-SHA-256", salt)
+    office = hash_password(b"office-app-pw-2", "SCRAM-SHA-256", salt)
+    own = doveadm_pw("SCRAM-SHA-256", "own-salt-pw-3")
+    text = (
+        f"alice:{main}\n"
+        f"alice:{phone}::::::label=phone\n"
+        f"alice:{office}::::::label=office allow_nets=10.0.0.0/8\n"
+        f"alice:{own}::::::label=own\n"
+        f"bob:{own}::::::label=solo allow_nets=10.0.0.0/8\n"
+        f"bob:{phone}::::::label=phone\n"
+    )
+    backend = open_file(write(path, text))
+    assert scram(backend, "alice", PASSWORD).reason == "SCRAM-SHA-256 proof matches"
+    phone_login = scram(backend, "alice", "phone-app-pw-1")
+    assert phone_login.verdict is Verdict.ACCEPT, phone_login
+    assert phone_login.reason == "SCRAM-SHA-256 proof matches (app password 'phone')"
+    office_there = scram(backend, "alice", "office-app-pw-2", ClientIdentity("10.9.9.9"))
+    assert office_there.verdict is Verdict.ACCEPT and "'office'" in office_there.reason
+    office_here = scram(backend, "alice", "office-app-pw-2")
+    assert office_here.verdict is Verdict.REJECT
+    assert "app password 'office' of alice is not allowed from 192.0.2.7" in office_here.reason
+    # Its own salt is never offered to alice (her main password's is): a mismatch.
+    assert scram(backend, "alice", "own-salt-pw-3").reason == "SCRAM-SHA-256: proof mismatch"
+    # bob's first line is out of scope here, so the salt offered is that of his second.
+    assert scram(backend, "bob", "phone-app-pw-1").verdict is Verdict.ACCEPT
+    assert scram(backend, "bob", "own-salt-pw-3", ClientIdentity("10.0.0.1")).verdict is (
+        Verdict.ACCEPT
+    )
+    # Salts never mix: bob's own-salt line is not checked while his phone's salt is out.
+    assert scram(backend, "bob", "own-salt-pw-3").reason == "SCRAM-SHA-256: proof mismatch"
+
+
+def test_scram_reports_the_name_as_the_file_spells_it(path: Path) -> None:
+    """passwd-file names match exactly, for PLAIN and SCRAM alike: no case folding and no
+    Unicode normalisation (Dovecot's passwd-file without auth_username_format)."""
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "zoë")
+    text = f"alice:{doveadm_pw('SCRAM-SHA-256')}\n{nfc}:{doveadm_pw('SCRAM-SHA-256')}\n"
+    backend = open_file(write(path, text))
+    decision = scram(backend, "alice", PASSWORD)
+    assert decision.verdict is Verdict.ACCEPT and decision.user == "alice"
+    for name in ("ALICE", unicodedata.normalize("NFD", "zoë")):
+        assert verify(backend, name, PASSWORD).reason.startswith("no such user")
+        refused = scram(backend, name, PASSWORD)
+        assert refused.verdict is Verdict.REJECT and refused.reason.startswith("no such user")
+    assert scram(backend, nfc, PASSWORD).user == nfc
 
 
 def test_created_from_the_flag_and_from_toml(path: Path, tmp_path: Path) -> None:

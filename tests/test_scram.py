@@ -110,6 +110,29 @@ def test_scram_logs_in_with_server_final_in_the_235(tmp_path, users, capture, me
     assert f"{mechanism} proof matches" in log
 
 
+def test_scram_session_takes_the_stores_name_as_plain_does(tmp_path, users, capture):
+    """The authfile matches names regardless of case; whichever mechanism logs ALICE in,
+    the session (log, LOGIN) is the file's alice."""
+    with start_daemon(tmp_path, users, capture, "--ratelimit", "off") as daemon:
+        for mechanism in ("SCRAM-SHA-256", "PLAIN"):
+            with smtp(daemon) as s:
+                if mechanism == "PLAIN":
+                    assert (
+                        s.docmd("AUTH", f"PLAIN {b64(chr(0) + 'ALICE' + chr(0) + PASSWORD)}")[0]
+                        == 235
+                    )
+                else:
+                    client = ScramClient([mechanism], "ALICE", PASSWORD)
+                    assert scram_login(s, client, mechanism)[0] == 235
+                s.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
+        log = daemon.log_text()
+    for mechanism in ("SCRAM-SHA-256", "PLAIN"):
+        assert f"auth accept: client=127.0.0.1 user=alice mechanism={mechanism} " in log
+    assert "user=ALICE" not in log
+    envs = [env for env, _ in captured_messages(capture)]
+    assert len(envs) == 2 and all("LOGIN=alice\n" in env for env in envs), envs
+
+
 def test_scram_final_in_a_last_334_by_default(tmp_path, users, capture):
     with start_daemon(tmp_path, users, capture, "--ratelimit", "off") as daemon, smtp(daemon) as s:
         client = ScramClient(["SCRAM-SHA-256"], "alice", PASSWORD)
@@ -308,7 +331,7 @@ class KeyStore:
     async def verify(self, user, secret, client):
         return reject("not used")
 
-    async def scram_keys(self, user, hash_name):
+    async def scram_keys(self, user, mechanism, client):
         return self.keys.get(user) or reject(f"no such user {user}")
 
 
@@ -324,18 +347,18 @@ def test_chain_commits_to_the_main_credential_and_records_the_attempts():
     assert chain.supports_scram
     seen = []
 
-    async def prove(keys):
-        seen.append(keys)
+    async def prove(candidates):
+        seen.append(list(candidates))
         return accept("proof matches")
 
     client = ClientIdentity(ip="192.0.2.7")
-    decision = asyncio.run(chain.authenticate_scram(b"alice", "SHA-256", client, prove))
-    assert decision.verdict is Verdict.ACCEPT and seen == [main]
+    decision = asyncio.run(chain.authenticate_scram(b"alice", "SCRAM-SHA-256", client, prove))
+    assert decision.verdict is Verdict.ACCEPT and seen == [[main]]  # app's salt differs
     assert [a.outcome.verdict for a in decision.attempts] == [Verdict.REJECT, Verdict.ACCEPT]
 
     seen.clear()
-    decision = asyncio.run(chain.authenticate_scram(b"bob", "SHA-256", client, prove))
-    assert decision.verdict is Verdict.REJECT and seen == [None]  # a dummy exchange still ran
+    decision = asyncio.run(chain.authenticate_scram(b"bob", "SCRAM-SHA-256", client, prove))
+    assert decision.verdict is Verdict.REJECT and seen == [[]]  # a dummy exchange still ran
     assert decision.reason == "no such user bob"
     assert not Chain([KeyStore({}), object()]).supports_scram  # type: ignore[list-item]
 
