@@ -418,10 +418,21 @@ def test_created_from_the_flag_and_from_toml(path: Path, tmp_path: Path) -> None
         create_backend(BackendSpec(kind="passwd-file", arg=str(tmp_path / "missing")))
 
 
-def authtest(path: Path, user: str, password: str, ip: str) -> tuple[int, str]:
+def authtest(
+    path: Path, user: str, password: str, ip: str, mechanism: str = "PLAIN"
+) -> tuple[int, str]:
     authtest_script = str(Path(sys.executable).parent / "ofmipd-authtest")
     result = subprocess.run(
-        [authtest_script, "--passwd-file", str(path), "--remote-ip", ip, user],
+        [
+            authtest_script,
+            "--passwd-file",
+            str(path),
+            "--remote-ip",
+            ip,
+            "--mechanism",
+            mechanism,
+            user,
+        ],  # fmt: skip
         input=password + "\n",
         capture_output=True,
         text=True,
@@ -451,6 +462,33 @@ def test_authtest_explains_label_scope_nologin_and_expiry(path: Path) -> None:
     assert code == 1 and "app password 'stale' of alice expired on 2021-03-01" in out, out
     code, out = authtest(path, "bob", "bob-pw-8", "10.9.8.7")
     assert code == 1 and "nologin for bob" in out and "account moved to mx2" in out, out
+
+
+@pytest.mark.slow
+def test_authtest_explains_scram_decisions_label_scope_nologin_and_expiry(path: Path) -> None:
+    text = (
+        f"alice:{doveadm_pw('SCRAM-SHA-256')}::::::allow_nets=10.0.0.0/8\n"
+        f"bob:{doveadm_pw('SCRAM-SHA-256', 'tablet-app-pw-6')}::::::label=tablet\n"
+        f"carol:{doveadm_pw('SCRAM-SHA-1', 'stale-app-pw-7')}::::::label=stale expires=2021-03-01\n"
+        f'dave:{doveadm_pw("SCRAM-SHA-256", "dave-pw-8")}::::::nologin reason="moved to mx2"\n'
+    )
+    write(path, text)
+    code, out = authtest(path, "bob", "tablet-app-pw-6", "192.0.2.1", "SCRAM-SHA-256")
+    assert code == 0, out
+    assert "accept (SCRAM-SHA-256 proof matches (app password 'tablet'))" in out, out
+    assert "result: accept for user bob" in out
+    code, out = authtest(path, "alice", PASSWORD, "192.0.2.1", "SCRAM-SHA-256")
+    assert code == 1 and "client hears: 535" in out, out
+    assert "password of alice is not allowed from 192.0.2.1: allow_nets=10.0.0.0/8" in out, out
+    code, out = authtest(path, "alice", PASSWORD, "10.9.8.7", "SCRAM-SHA-256")
+    assert code == 0 and "SCRAM-SHA-256 proof matches" in out, out
+    code, out = authtest(path, "carol", "stale-app-pw-7", "10.9.8.7", "SCRAM-SHA-1")
+    assert code == 1 and "SCRAM-SHA-1: app password 'stale' of carol expired on 2021-03-01" in out
+    code, out = authtest(path, "dave", "dave-pw-8", "10.9.8.7", "SCRAM-SHA-256")
+    assert code == 1 and "nologin for dave" in out and "moved to mx2" in out, out
+    # A wrong password is a mismatch, whatever the scope: authtest reveals no more.
+    code, out = authtest(path, "dave", "wrong-pw-9", "10.9.8.7", "SCRAM-SHA-256")
+    assert code == 1 and "proof mismatch" in out and "mx2" not in out, out
 
 
 def test_mixed_costs_are_warned_about_as_a_passwd_file(
