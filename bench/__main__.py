@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench import extras, load, report, scaling, systems, wakeup
+from bench import scram as scram_logins
 from bench.systems import ROOT, Processes, Running, Workspace
 
 
@@ -195,6 +196,22 @@ class Bench:
             "sessions": sessions, "rtt": rtt, "verify": verify, "primitive": primitive,
         }  # fmt: skip
 
+    def scram(self) -> None:
+        logins = 10 if self.quick else 100
+        users = scram_logins.write_passwd_file(self.ws.root)
+        server = extras.start_ofmipd(self.procs, self.ws, "scram", ["--passwd-file", str(users)])
+        runs: dict[str, list[float]] = {}
+        try:
+            asyncio.run(scram_logins.round_of_logins(server.port, 3, 0))  # warm-up
+            for run in range(self.runs):
+                self.say(f"SCRAM beside PLAIN run {run + 1}/{self.runs} ({logins} logins each)")
+                medians = asyncio.run(scram_logins.round_of_logins(server.port, logins, run % 2))
+                for name, value in medians.items():
+                    runs.setdefault(name, []).append(value)
+        finally:
+            server.stop()  # type: ignore[operator]
+        self.side["scram"] = {"logins": logins, "runs": runs}
+
     def wakeup(self) -> None:
         self.say("loop wake-up costs (bench.wakeup)")
         rows = asyncio.run(wakeup.measure(30 if self.quick else 300))
@@ -270,7 +287,14 @@ class Bench:
         self.memory()
         self.slow_logins()
         self.auth_cost()
+        self.scram()
         self.wakeup()
+
+
+# Side sections --only can run alone: the key in results.json's "side" -> Bench method.
+SECTIONS = {"exec": "exec_to_banner", "memory": "memory", "slow": "slow_logins",
+            "auth": "auth_cost", "scram": "scram", "wakeup": "wakeup", "workers": "workers",
+            "scaling": "scaling"}  # fmt: skip
 
 
 def main() -> int:
@@ -284,6 +308,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     parser.add_argument("--render", action="store_true", help="measure nothing: write the "
                         "report again from the last run's results.json")  # fmt: skip
+    parser.add_argument("--only", choices=SECTIONS, help="run this one side section and "
+                        "merge it into the last run's results.json, then write the report "
+                        "again (the other figures stay as they were measured)")  # fmt: skip
     args = parser.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -294,6 +321,9 @@ def main() -> int:
         report.write(json.loads((raw / "results.json").read_text()), md, png)
         print(f"wrote {md} and {png}", file=sys.stderr)
         return 0
+    if args.only and not (raw / "results.json").exists():
+        print(f"--only needs a previous run's {raw / 'results.json'}", file=sys.stderr)
+        return 2
 
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # unwind through every finally, stopping what we started
@@ -312,7 +342,10 @@ def main() -> int:
     try:
         ws = Workspace(temp)
         bench = Bench(args, ws, procs)
-        bench.run()
+        if args.only:
+            getattr(bench, SECTIONS[args.only])()
+        else:
+            bench.run()
         systems.check_logs(ws)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
@@ -326,6 +359,17 @@ def main() -> int:
         procs.stop_all()
         if not args.keep:
             shutil.rmtree(temp, ignore_errors=True)
+    if args.only:
+        data = json.loads((raw / "results.json").read_text())
+        command = f"python -m bench --only {args.only}" + (" --quick" if args.quick else "")
+        section = bench.side[args.only]
+        if isinstance(section, dict):  # the report says when it was measured (wakeup's a list)
+            section = {**section, "measured": report.stamp(command)}
+        data["side"][args.only] = section
+        (raw / "results.json").write_text(json.dumps(data, indent=1))
+        report.write(data, md, png)
+        print(f"wrote {md} and {png} ({args.only} measured again)", file=sys.stderr)
+        return 0
     data = {
         "quick": args.quick,
         "runs": bench.runs,
@@ -335,6 +379,7 @@ def main() -> int:
         "sweep": list(bench.sweep),
         "variant_c": bench.variant_c,
         "loadavg": [load_start, os.getloadavg()],
+        "machine": report.machine(),  # so that --render and --only keep this run's header
         "seconds": time.monotonic() - bench.started,
     }
     (raw / "results.json").write_text(json.dumps(data, indent=1))  # the report's raw figures

@@ -68,6 +68,7 @@ def test_quick_bench_completes_every_session(tmp_path):
     assert set(side["memory"]["runs"]) == {"ofmipd", "bare-aiosmtpd"}
     assert set(side["slow"]["runs"]) == {"none", "5 slow"}
     assert len(side["auth"]["rtt"]) == 4
+    assert set(side["scram"]["runs"]) == {"PLAIN", "SCRAM-SHA-256", "SCRAM client work"}
     assert len(side["wakeup"]) == 4 and all(looped > 0 for _, looped, _ in side["wakeup"])
     # --workers 1 and 2; one node, one behind haproxy, two behind haproxy with shared Redis
     assert set(side["workers"]["runs"]) == {"--workers 1", "--workers 2"}
@@ -90,3 +91,36 @@ def test_quick_bench_completes_every_session(tmp_path):
     assert "## Targets (issue 8)" in report and "| `ofmipd -1` exec-to-banner" in report
     assert "`--workers 2` ÷ `--workers 1`" in report and "two ofmipd nodes behind haproxy" in report
     assert (out / "sessions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.bench
+def test_only_scram_measures_that_section_and_keeps_the_rest(tmp_path):
+    """`--only scram` runs SCRAM beside PLAIN alone and merges it into the last results."""
+    previous = json.loads((ROOT / "bench" / "results.json").read_text())
+    previous["side"].pop("scram", None)
+    (tmp_path / "results.json").write_text(json.dumps(previous))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "scram", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"] == previous["results"]  # nothing else was measured again
+    runs = data["side"]["scram"]["runs"]
+    assert set(runs) == {"PLAIN", "SCRAM-SHA-256", "SCRAM client work"}
+    assert all(len(values) == 1 and values[0] > 0 for values in runs.values())
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## SCRAM-SHA-256 beside PLAIN (one passwd-file user)" in report
+    assert "SCRAM-SHA-256 ÷ PLAIN round trip: " in report
+    missing = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "scram", "--out", str(tmp_path / "empty")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "needs a previous run" in missing.stderr
