@@ -28,12 +28,50 @@ ALPHABET = "abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 APP_PASSWORD_LENGTH = 24
 
 
+EPILOG = """\
+commands (ofmipd-passwd COMMAND --help shows one):
+  add USER [--scheme S]
+      set USER's main password, prompted twice without echo on a terminal, else the
+      first line of stdin; replaces the old one and keeps its extra fields
+  app-add USER LABEL [--allow-nets CIDR,...] [--expires YYYY-MM-DD]
+                     [--mechanisms MECH,...] [--scheme S]
+      generate a 24-character app password, store only its hash, and print it once,
+      alone on the last line of stdout; LABEL: letters, digits, . _ @ + -
+  app-list USER
+      label, allow_nets, mechanisms, expiry and last use (time and address, read from
+      the state directory of the server --config names) of USER's app passwords
+  app-revoke USER LABEL
+      delete the app password LABEL of USER (exit 1 if there is none)
+  verify USER [--remote-ip IP]
+      check the password on stdin's first line as ofmipd would for a PLAIN login from
+      IP (default 127.0.0.1), scope included; prints the decision; exit 0/1/111
+
+schemes (--scheme, default SCRAM-SHA-256): SCRAM-SHA-256 and SCRAM-SHA-1 serve SCRAM
+and PLAIN/LOGIN; BLF-CRYPT, ARGON2ID, SHA512-CRYPT, SHA256-CRYPT, SSHA512 serve
+PLAIN/LOGIN only; PLAIN stores the password itself. Hashes are written as
+`doveadm pw -s SCHEME` writes them. A user's SCRAM lines get one salt, so that each
+of the user's app passwords can log in with SCRAM (a SCRAM server names one salt).
+
+examples:
+  ofmipd-passwd --file /etc/ofmipd/users add alice
+  printf '%s\\n' "$PW" | ofmipd-passwd --file /etc/ofmipd/users add bob --scheme ARGON2ID
+  ofmipd-passwd --file /etc/ofmipd/users app-add alice phone --expires 2027-06-30
+  ofmipd-passwd --file /etc/ofmipd/users app-add alice office \\
+      --allow-nets 192.0.2.0/24,2001:db8::/32 --mechanisms SCRAM-SHA-256
+  ofmipd-passwd --config /etc/ofmipd/ofmipd.toml app-list alice
+  ofmipd-passwd --config /etc/ofmipd/ofmipd.toml app-revoke alice phone
+  ofmipd-passwd --file /etc/ofmipd/users verify alice --remote-ip 192.0.2.7 < pw-file
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ofmipd-passwd",
-        description="Manage a Dovecot-compatible passwd-file (ofmipd --passwd-file) and its "
-        "app passwords. Writes are atomic (temporary file, fsync, rename, same mode and "
-        "owner) and serialised by a lock on FILE.lock. Exit 0 done (verify: accepted), "
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        description="Manage a Dovecot-compatible passwd-file (ofmipd --passwd-file) and its\n"
+        "app passwords. Writes are atomic (temporary file, fsync, rename, same mode and\n"
+        "owner) and serialised by a lock on FILE.lock. Exit 0 done (verify: accepted),\n"
         "1 not found (verify: rejected), 111 temporary failure, 2 usage error.",
     )
     parser.add_argument(
@@ -50,30 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
         "add",
         help="set USER's main password (prompted without echo, or the first line of stdin)",
     )
-    add.add_argument("user")
-    add.add_argument("--scheme", default="SCRAM-SHA-256", choices=SCHEMES, type=str.upper)
+    add.add_argument("user", help="the login name, as the file spells it")
+    add.add_argument("--scheme", default="SCRAM-SHA-256", choices=SCHEMES, type=str.upper,
+                     help="hash scheme (default SCRAM-SHA-256)")  # fmt: skip
     app = commands.add_parser(
         "app-add",
         help="generate an app password LABEL for USER; printed once, alone on the last line",
     )
-    app.add_argument("user")
-    app.add_argument("label")
+    app.add_argument("user", help="the login name, as the file spells it")
+    app.add_argument("label", help="the device or program, e.g. phone (. _ @ + - allowed)")
     app.add_argument("--allow-nets", metavar="CIDR,...", help="only from these networks")
     app.add_argument("--expires", metavar="YYYY-MM-DD", help="last day it works (UTC)")
-    app.add_argument("--mechanisms", metavar="MECH,...", help="e.g. SCRAM-SHA-256 only")
-    app.add_argument("--scheme", default="SCRAM-SHA-256", choices=SCHEMES, type=str.upper)
+    app.add_argument("--mechanisms", metavar="MECH,...",
+                     help="only these AUTH mechanisms, e.g. SCRAM-SHA-256 (which admits "
+                     "SCRAM-SHA-256-PLUS too)")  # fmt: skip
+    app.add_argument("--scheme", default="SCRAM-SHA-256", choices=SCHEMES, type=str.upper,
+                     help="hash scheme (default SCRAM-SHA-256)")  # fmt: skip
     listing = commands.add_parser(
         "app-list", help="USER's app passwords: label, scope, expiry, last use (with --config)"
     )
-    listing.add_argument("user")
+    listing.add_argument("user", help="the login name")
     revoke = commands.add_parser("app-revoke", help="delete USER's app password LABEL")
-    revoke.add_argument("user")
-    revoke.add_argument("label")
+    revoke.add_argument("user", help="the login name")
+    revoke.add_argument("label", help="the app password's label")
     verify = commands.add_parser(
         "verify", help="check USER's password from stdin; exit 0/1/111 like ofmipd-authtest"
     )
-    verify.add_argument("user")
-    verify.add_argument("--remote-ip", default="127.0.0.1", metavar="IP")
+    verify.add_argument("user", help="the login name")
+    verify.add_argument("--remote-ip", default="127.0.0.1", metavar="IP",
+                        help="judge allow_nets for a client at IP (default 127.0.0.1)")  # fmt: skip
     return parser
 
 

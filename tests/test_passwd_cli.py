@@ -3,6 +3,7 @@ app passwords are printed once, writes are atomic and serialised."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import pty
@@ -322,3 +323,25 @@ def test_a_users_scram_lines_share_one_salt_so_each_logs_in_with_scram(path: Pat
         )
         assert decision.verdict is Verdict.ACCEPT and decision.reason.endswith(reason), decision
     asyncio.run(backend.close())
+
+
+def test_help_names_every_command_with_its_options_and_an_example() -> None:
+    from ofmipd.passwd import build_parser
+
+    result = passwd("--help")
+    assert result.returncode == 0
+    text = result.stdout
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"add", "app-add", "app-list", "app-revoke", "verify"}
+    for name, sub in commands.choices.items():
+        assert f"\n  {name} " in text, name  # its synopsis in the commands section
+        examples = text.split("examples:", 1)[1]
+        assert f" {name} " in examples, f"no example of {name}"
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in text, f"{name} {option} missing from --help"
+            assert action.help, f"{name} {action.dest} has no help of its own"
+    for scheme in ("SCRAM-SHA-256", "SCRAM-SHA-1", "BLF-CRYPT", "ARGON2ID", "SSHA512"):
+        assert scheme in text
