@@ -439,7 +439,8 @@ class PasswdFile:
         admin's, and may be read-only to us)."""
         from ofmipd.store import StoreDown
 
-        assert self.store is not None
+        if self.store is None:  # no store configured (--ratelimit off, no quotas)
+            return
         value = f"{int(time.time())} {client.ip or '-'}"
         try:
             await self.store.put(last_use_key(user, label), value, LAST_USE_SECONDS)

@@ -130,9 +130,19 @@ class ScramSource(Protocol):
     # mechanism e.g. "SCRAM-SHA-256-PLUS"; REJECT Outcome for an unknown user
 
 
+@runtime_checkable
+class UseRecorder(Protocol):
+    """Optional: a store that keeps when and from where each app password was last used.
+    Its verify() knows which line accepted; for SCRAM only the exchange does, so the
+    chain tells it."""
+
+    async def record_use(self, user: str, label: str, client: ClientIdentity) -> None: ...
+
+
 # The SCRAM exchange with the client, given the credentials a proof may match (empty:
-# nobody knows the user, so the exchange runs against keys no password matches).
-Prove = Callable[[Sequence[ScramKeys]], Awaitable[Outcome]]
+# nobody knows the user, so the exchange runs against keys no password matches). It
+# answers with the outcome and the credential the proof matched, if any.
+Prove = Callable[[Sequence[ScramKeys]], Awaitable[tuple[Outcome, ScramKeys | None]]]
 
 
 def scram_candidates(keys: Sequence[ScramKeys]) -> list[ScramKeys]:
@@ -319,13 +329,26 @@ class Chain:
             outcome = await self._contained(backend, lookup)
             ms = (time.perf_counter() - started) * 1000
             if outcome.verdict is Verdict.ACCEPT:
-                outcome = await prove(scram_candidates(found))
+                outcome, matched = await prove(scram_candidates(found))
                 attempts.append(Attempt(backend.name, backend.target, outcome, ms))
+                if outcome.verdict is Verdict.ACCEPT and matched and matched.label:
+                    await self._record_use(backend, outcome.user or name, matched.label, client)
                 return self._decision(name, attempts)
             attempts.append(Attempt(backend.name, backend.target, outcome, ms))
         if not any(a.outcome.verdict is Verdict.TEMPFAIL for a in attempts):
             await prove(())  # an unknown user costs the client the same round trips
         return self._decision(name, attempts)
+
+    @staticmethod
+    async def _record_use(
+        backend: Authenticator, user: str, label: str, client: ClientIdentity
+    ) -> None:
+        if not isinstance(backend, UseRecorder):
+            return
+        try:
+            await backend.record_use(user, label, client)
+        except Exception:  # contained: a login does not fail for want of a footnote
+            log.error("backend %s could not record a use", backend.name, exc_info=True)
 
     async def _ask_each(self, name: str, ask: Ask, *, try_all: bool) -> Decision:
         attempts: list[Attempt] = []

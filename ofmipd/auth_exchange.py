@@ -71,7 +71,7 @@ class Credentials(NamedTuple):
                     raise ExchangeEnded
                 return answer
 
-            async def prove(candidates: Sequence[ScramKeys]) -> Outcome:
+            async def prove(candidates: Sequence[ScramKeys]) -> tuple[Outcome, ScramKeys | None]:
                 return await scram.prove(candidates, ask)
 
             return await chain.authenticate_scram(self.user, scram.mechanism, client, prove)

@@ -221,7 +221,7 @@ async def scram_exchange(
         except ScramException:  # e.g. an iteration count scramp's client will not use
             return b"c=biws,r=x,p=eA=="  # answered, and refused by the server side
 
-    async def prove(candidates: Sequence[ScramKeys]) -> Outcome:
+    async def prove(candidates: Sequence[ScramKeys]) -> tuple[Outcome, ScramKeys | None]:
         return await exchange.prove(candidates, ask)
 
     return await chain.authenticate_scram(user, exchange.mechanism, client, prove)

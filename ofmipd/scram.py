@@ -85,10 +85,13 @@ class ScramExchange:
     def hash_name(self) -> str:
         return hash_of(self.mechanism)
 
-    async def prove(self, candidates: Sequence[ScramKeys], ask: Ask) -> Outcome:
+    async def prove(
+        self, candidates: Sequence[ScramKeys], ask: Ask
+    ) -> tuple[Outcome, ScramKeys | None]:
         """Run the exchange against the first candidate's salt; the proof may match any
         candidate (they share that salt and iteration count: see auth.scram_candidates).
-        No candidates: an unknown user, answered with a stable fake salt."""
+        No candidates: an unknown user, answered with a stable fake salt. Returns the
+        outcome and the candidate that accepted (None unless it did)."""
         first = candidates[0] if candidates else None
         auth_info = (
             (first.salt, first.stored_key, first.server_key, first.iterations)
@@ -100,22 +103,22 @@ class ScramExchange:
             server.set_client_first(self.first)
             server_first = server.get_server_first()
         except ScramException as error:
-            return reject(f"{self.mechanism}: {_why(error)}")
+            return reject(f"{self.mechanism}: {_why(error)}"), None
         final = await ask(server_first.encode())
         try:
             text = final.decode("utf-8")
             keys, server = self._matching(server, server_first, text, candidates)
         except (ScramException, UnicodeDecodeError) as error:
-            return reject(f"{self.mechanism}: {_why(error)}")
+            return reject(f"{self.mechanism}: {_why(error)}"), None
         if keys.refusal is not None:  # the right password, from where it may not be used
-            return reject(f"{self.mechanism}: {keys.refusal}")
+            return reject(f"{self.mechanism}: {keys.refusal}"), None
         server_final = server.get_server_final().encode()
         if self.final_in_235:
             self.server_final = server_final
         elif await ask(server_final):
-            return reject(f"{self.mechanism}: data after the server-final message")
+            return reject(f"{self.mechanism}: data after the server-final message"), None
         label = f" (app password {keys.label!r})" if keys.label else ""
-        return accept(f"{self.mechanism} proof matches{label}", keys.user)
+        return accept(f"{self.mechanism} proof matches{label}", keys.user), keys
 
     def _server(self, auth_info: tuple[bytes, bytes, bytes, int], nonce: str | None = None) -> Any:
         channel = (END_POINT, self.binding) if self.binding is not None else None

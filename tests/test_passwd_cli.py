@@ -345,3 +345,39 @@ def test_help_names_every_command_with_its_options_and_an_example() -> None:
             assert action.help, f"{name} {action.dest} has no help of its own"
     for scheme in ("SCRAM-SHA-256", "SCRAM-SHA-1", "BLF-CRYPT", "ARGON2ID", "SSHA512"):
         assert scheme in text
+
+
+@pytest.mark.slow
+def test_a_real_scram_login_records_last_use_too(path: Path, tmp_path: Path) -> None:
+    import base64
+    import smtplib
+
+    from scramp import ScramClient
+
+    from tests.conftest import free_port
+    from tests.ofmipd_server import CAPTURE, Daemon, server_env
+
+    assert passwd("--file", str(path), "add", "alice").returncode == 0
+    app_password = passwd("--file", str(path), "app-add", "alice", "mutt").stdout.split()[-1]
+    state, capture = tmp_path / "state", tmp_path / "capture"
+    capture.mkdir()
+    port = free_port()
+    args = ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "--passwd-file", str(path),
+            "--sendmail", CAPTURE, "--state-dir", str(state)]  # fmt: skip
+    with Daemon(args, port, tmp_path, env=server_env(CAPTURE_DIR=str(capture))) as daemon:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.ehlo()
+            client = ScramClient(["SCRAM-SHA-256"], "alice", app_password)
+            first = base64.b64encode(client.get_client_first().encode()).decode()
+            _, text = smtp.docmd("AUTH", f"SCRAM-SHA-256 {first}")
+            client.set_server_first(base64.b64decode(text).decode())
+            _, text = smtp.docmd(base64.b64encode(client.get_client_final().encode()).decode())
+            client.set_server_final(base64.b64decode(text).decode())
+            assert smtp.docmd("")[0] == 235
+        daemon.wait_for_log("SCRAM-SHA-256 proof matches (app password 'mutt')")
+    config = tmp_path / "ofmipd.toml"
+    config.write_text(f'state_dir = "{state}"\n[[auth]]\nkind = "passwd-file"\npath = "{path}"\n')
+    config.chmod(0o600)
+    listed = passwd("--config", str(config), "app-list", "alice")
+    row = [line for line in listed.stdout.splitlines() if line.startswith("mutt")][0]
+    assert row.endswith("Z from 127.0.0.1"), listed.stdout

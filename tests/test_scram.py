@@ -349,7 +349,7 @@ def test_chain_commits_to_the_main_credential_and_records_the_attempts():
 
     async def prove(candidates):
         seen.append(list(candidates))
-        return accept("proof matches")
+        return accept("proof matches"), (candidates[0] if candidates else None)
 
     client = ClientIdentity(ip="192.0.2.7")
     decision = asyncio.run(chain.authenticate_scram(b"alice", "SCRAM-SHA-256", client, prove))
