@@ -225,3 +225,44 @@ def test_server_final_in_the_235_suits_scramp_but_not_msmtp(
             s.sendmail("someone@example.org", ["rcpt@example.net"], MESSAGE)
     assert accepted(daemon) == [("bob", "SCRAM-SHA-256")] * 2
     assert len(captured_messages(tmp_path / "capture")) == 1
+
+
+@pytest.mark.slow
+def test_a_plus_only_app_password_logs_in_bound_and_not_unbound(
+    tmp_path: Path, cert: tuple[Path, Path]
+) -> None:
+    """mechanisms=SCRAM-SHA-256-PLUS: only a login bound to ofmipd's TLS channel."""
+    import base64
+    import smtplib
+
+    from scramp import ScramClient
+
+    from tests.tls_support import client_context
+
+    path = tmp_path / "users"
+    ofmipd_passwd(path, "add", "alice")
+    out = ofmipd_passwd(path, "app-add", "alice", "bound", "--mechanisms", "SCRAM-SHA-256-PLUS")
+    password = out.split()[-1]
+
+    def login(mechanism: str) -> int:
+        with smtplib.SMTP(daemon.host, daemon.port, timeout=20) as s:
+            s.starttls(context=client_context(cert[0]))
+            s.ehlo()
+            binding = ("tls-server-end-point", s.sock) if mechanism.endswith("-PLUS") else None
+            client = ScramClient([mechanism], "alice", password, binding)
+            first = base64.b64encode(client.get_client_first().encode()).decode()
+            _, text = s.docmd("AUTH", f"{mechanism} {first}")
+            client.set_server_first(base64.b64decode(text).decode())
+            code, text = s.docmd(base64.b64encode(client.get_client_final().encode()).decode())
+            if code == 334:
+                client.set_server_final(base64.b64decode(text).decode())
+                code, text = s.docmd("")
+            return code
+
+    with start(tmp_path, path, cert) as daemon:
+        assert login("SCRAM-SHA-256-PLUS") == 235
+        assert login("SCRAM-SHA-256") == 535
+        log = daemon.log_text()
+    assert accepted(daemon) == [("alice", "SCRAM-SHA-256-PLUS")]
+    assert "proof matches (app password 'bound')" in log
+    assert "app password 'bound' of alice is limited to mechanisms=SCRAM-SHA-256-PLUS" in log
