@@ -330,6 +330,7 @@ class Chain:
             ms = (time.perf_counter() - started) * 1000
             if outcome.verdict is Verdict.ACCEPT:
                 outcome, matched = await prove(scram_candidates(found))
+                outcome = self._usable(outcome)  # the name comes with the keys
                 attempts.append(Attempt(backend.name, backend.target, outcome, ms))
                 if outcome.verdict is Verdict.ACCEPT and matched and matched.label:
                     await self._record_use(backend, outcome.user or name, matched.label, client)
@@ -384,6 +385,10 @@ class Chain:
             return tempfail(f"internal error: {type(error).__name__}")
         if not isinstance(outcome, Outcome):
             return tempfail(f"backend returned {type(outcome).__name__}, not an Outcome")
+        return Chain._usable(outcome)
+
+    @staticmethod
+    def _usable(outcome: Outcome) -> Outcome:
         if outcome.verdict is Verdict.ACCEPT and outcome.user is not None:
             # The store's name becomes the session's identity (sender map, LOGIN, logs):
             # it must meet the rules the client's name had to meet at the door.

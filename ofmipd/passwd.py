@@ -48,9 +48,10 @@ commands (ofmipd-passwd COMMAND --help shows one):
 
 schemes (--scheme, default SCRAM-SHA-256): SCRAM-SHA-256 and SCRAM-SHA-1 serve SCRAM
 and PLAIN/LOGIN; BLF-CRYPT, ARGON2ID, SHA512-CRYPT, SHA256-CRYPT, SSHA512 serve
-PLAIN/LOGIN only; PLAIN stores the password itself. Hashes are written as
-`doveadm pw -s SCHEME` writes them. A user's SCRAM lines get one salt, so that each
-of the user's app passwords can log in with SCRAM (a SCRAM server names one salt).
+PLAIN/LOGIN only; PLAIN stores the password itself (and serves SCRAM too). Hashes
+are written as `doveadm pw -s SCHEME` writes them. A user's SCRAM lines get one salt,
+so that each of the user's app passwords can log in with SCRAM (a SCRAM server names
+one salt).
 
 examples:
   ofmipd-passwd --file /etc/ofmipd/users add alice

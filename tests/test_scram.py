@@ -363,6 +363,29 @@ def test_chain_commits_to_the_main_credential_and_records_the_attempts():
     assert not Chain([KeyStore({}), object()]).supports_scram  # type: ignore[list-item]
 
 
+def test_chain_holds_scram_names_to_the_door_rules_and_records_app_password_use():
+    bad = keys_for("app", "phone")._replace(user="alice\nroot")
+    used = []
+
+    class Recorder(KeyStore):
+        async def record_use(self, user, label, client):
+            used.append((user, label, client.ip))
+
+    async def prove(candidates):
+        return accept("proof matches", candidates[0].user), candidates[0]
+
+    client = ClientIdentity(ip="192.0.2.7")
+    chain = Chain([Recorder({"alice": [bad]})])
+    decision = asyncio.run(chain.authenticate_scram(b"alice", "SCRAM-SHA-256", client, prove))
+    assert decision.verdict is Verdict.TEMPFAIL and "canonical name is unusable" in decision.reason
+    assert used == []
+    good = keys_for("app", "phone")._replace(user="alice")
+    chain = Chain([Recorder({"ALICE": [good]})])
+    decision = asyncio.run(chain.authenticate_scram(b"ALICE", "SCRAM-SHA-256", client, prove))
+    assert decision.verdict is Verdict.ACCEPT and decision.user == "alice"
+    assert used == [("alice", "phone", "192.0.2.7")]
+
+
 def test_authtest_decides_a_scram_login_like_the_server(tmp_path, users):
     from tests.test_authtest import authtest
 
