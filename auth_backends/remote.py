@@ -148,7 +148,7 @@ class RemoteServer:
                     server_hostname=host if self.ssl_context else None,
                     limit=MAX_LINE,
                 )
-                talk = Conversation(reader, writer)
+                talk = Conversation(reader, writer, client)
                 outcome = await dialogue(talk, name, password)
             await talk.goodbye(goodbye)
             return Outcome(outcome.verdict, f"{where}: {outcome.reason}", outcome.user)
@@ -175,11 +175,18 @@ class RemoteServer:
 
 
 class Conversation:
-    """Line-oriented I/O with a remote server (CRLF lines, bounded length)."""
+    """Line-oriented I/O with a remote server (CRLF lines, bounded length), on behalf
+    of one SMTP client (whose address a dialogue may pass on)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: ClientIdentity | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.client = client
 
     async def line(self) -> bytes:
         try:
