@@ -8,9 +8,12 @@ Scripted stand-in servers for answers Dovecot never gives (NO/BAD to ID, -ERR to
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +25,9 @@ from auth_backends.remote import DEFAULT_TIMEOUT
 from ofmipd.auth import Authenticator, Outcome, Secret, Verdict
 from ofmipd.config import Config
 from ofmipd.identity import ClientIdentity
+from tests.conftest import free_port
 from tests.dovecot_server import Dovecot
+from tests.ofmipd_server import Daemon
 
 USERS = {"alice": "wonderland", "bob": "builder", "carol": "cheshire"}
 CLIENT = "192.0.2.10"
@@ -120,6 +125,30 @@ def test_untrusted_dovecot_ignores_id_and_sees_ofmipd() -> None:
             outcome = verify(server.url(scheme), "alice", "wonderland", smtp_client(CLIENT))
             assert outcome.verdict is Verdict.ACCEPT, outcome
             log_line(server, rf"{scheme}-login: Info: Login: user=<alice>, .*rip=127\.0\.0\.1,")
+
+
+def smtp_login_behind_proxy(port: int, proxy: str, user: str, password: str) -> bytes:
+    """AUTH PLAIN in an SMTP session that a trusted balancer announces with PROXY v1."""
+    with socket.create_connection(("127.0.0.1", port), 30) as sock, sock.makefile("rb") as r:
+        sock.sendall(f"PROXY TCP4 {proxy} {LISTENER} 40124 587\r\nEHLO client.test\r\n".encode())
+        blob = base64.b64encode(f"\0{user}\0{password}".encode())
+        sock.sendall(b"AUTH PLAIN " + blob + b"\r\nQUIT\r\n")
+        replies = [line for line in r if line[3:4] == b" "]  # last lines: banner, EHLO...
+        return replies[2]
+
+
+def test_smtp_clients_address_travels_through_ofmipd(trusting: Dovecot, tmp_path: Path) -> None:
+    port = free_port()
+    args = ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "-R", trusting.url("imap"),
+            "--proxy-protocol", "127.0.0.1"]  # fmt: skip
+    with Daemon(args, port, tmp_path):
+        reply = smtp_login_behind_proxy(port, "192.0.2.11", "carol", "cheshire")
+    assert reply.startswith(b"235 "), reply
+    log_line(
+        trusting,
+        rf"imap-login: Info: Login: user=<carol>, method=PLAIN, rip=192\.0\.2\.11, "
+        rf"rport=40124, lip={LISTENER}, lport=587,",
+    )
 
 
 # -- Dovecot's penalty lands on the attacker ---------------------------------------------
