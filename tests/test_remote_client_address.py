@@ -82,13 +82,14 @@ def trusting() -> Iterator[Dovecot]:
 # -- the address reaches a Dovecot that trusts us ---------------------------------------
 
 
-def test_imap_id_gives_dovecot_the_smtp_clients_address(trusting: Dovecot) -> None:
-    outcome = verify(trusting.url("imap"), "alice", "wonderland", smtp_client(CLIENT, 4711))
+@pytest.mark.parametrize("ip", [CLIENT, "2001:db8::11"])
+def test_imap_id_gives_dovecot_the_smtp_clients_address(trusting: Dovecot, ip: str) -> None:
+    outcome = verify(trusting.url("imap"), "alice", "wonderland", smtp_client(ip, 4711))
     assert outcome.verdict is Verdict.ACCEPT, outcome
     # x-connected-ip/port: the listener that ofmipd's client connected to
     log_line(
         trusting,
-        rf"imap-login: Info: Login: user=<alice>, method=PLAIN, rip={CLIENT}, rport=4711, "
+        rf"imap-login: Info: Login: user=<alice>, method=PLAIN, rip={ip}, rport=4711, "
         rf"lip={LISTENER}, lport=587,",
     )
 
