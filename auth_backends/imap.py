@@ -16,7 +16,9 @@ IMAP answers (RFC 3501 §7.1, response codes RFC 5530):
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 
+from auth_backends.client_address import client_address
 from auth_backends.kinds import IMAP as BACKEND
 from auth_backends.remote import Conversation, ProtocolError, RemoteServer, safe_text
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
@@ -28,6 +30,7 @@ TEMPORARY_CODES = {"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "PRIVACYREQUIRE
 MAX_LITERAL = 65536
 _TAGGED = re.compile(rb"^a1 (OK|NO|BAD)\b(?: \[([A-Za-z0-9-]+)[^\]]*\])?", re.IGNORECASE)
 _LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}$")
+_ID_DONE = re.compile(rb"^i0 (OK|NO|BAD)\b", re.IGNORECASE)
 _CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 
 
@@ -69,6 +72,7 @@ async def login(talk: Conversation, user: bytes, password: bytes) -> Outcome:
     if capabilities and b"LOGINDISABLED" in capabilities.group(1).upper().split():
         # Do not send the password: the server says it would refuse it in plaintext.
         return tempfail("IMAP server advertises LOGINDISABLED (needs TLS: use imaps://)")
+    await announce_client(talk, capabilities.group(1).upper().split() if capabilities else ())
 
     pending = b"a1 LOGIN"
     for text, literal in (astring(user), astring(password)):
@@ -86,6 +90,34 @@ async def login(talk: Conversation, user: bytes, password: bytes) -> Outcome:
         if line.startswith(b"* "):
             continue  # untagged data (CAPABILITY, BYE before closing...)
         return _verdict(line)
+
+
+async def announce_client(talk: Conversation, capabilities: Collection[bytes]) -> None:
+    """RFC 2971 ID with the SMTP client's address, as Dovecot's and Roundcube's proxies send
+    it, so a server that trusts us penalises and logs that address instead of ours.
+
+    NO or BAD only means the server will not take it from us: the login goes on.
+    """
+    address = client_address(talk.client)
+    if address is None or b"ID" not in capabilities:
+        return
+    fields = [(b"x-originating-ip", address.ip), (b"x-originating-port", address.port)]
+    fields += [(b"x-connected-ip", address.local_ip), (b"x-connected-port", address.local_port)]
+    pairs = [b'"%s" %s' % (key, quoted(str(value))) for key, value in fields if value is not None]
+    await talk.send(b"i0 ID (" + b" ".join(pairs) + b")\r\n")
+    line = await _response(talk)
+    while line.startswith(b"* "):  # * ID (the server's own fields), or other untagged data
+        line = await _response(talk)
+    if not _ID_DONE.match(line):
+        raise ProtocolError("unexpected IMAP response to ID")
+
+
+def quoted(text: str) -> bytes:
+    """An IMAP quoted string (RFC 3501 §4.3); ValueError for what one cannot carry."""
+    data = text.encode("ascii")  # UnicodeEncodeError is a ValueError
+    if any(c < 32 or c == 127 for c in data):
+        raise ValueError("control character in an IMAP quoted string")
+    return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 async def _until_continuation(talk: Conversation) -> Outcome | None:

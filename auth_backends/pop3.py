@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Collection
 
+from auth_backends.client_address import client_address
 from auth_backends.kinds import POP3 as BACKEND
 from auth_backends.remote import Conversation, ProtocolError, RemoteServer, safe_text
 from ofmipd.auth import Outcome, Secret, accept, reject, tempfail
@@ -68,6 +70,7 @@ class Pop3Login:
             return tempfail(f"POP3 server refused the connection: {safe_text(greeting[4:])}")
         if not greeting.startswith(b"+OK"):
             raise ProtocolError(f"not a POP3 greeting: {safe_text(greeting)!r}")
+        await announce_client(talk, offered_in_greeting(greeting))
         if self.apop:
             timestamp = _TIMESTAMP.search(greeting)
             if timestamp is None:
@@ -102,6 +105,29 @@ class Pop3Login:
                 return b"USER" in offered
             offered.add(line.split(b" ", 1)[0].upper())
         raise ProtocolError(f"POP3 CAPA list longer than {MAX_CAPA_LINES} lines")
+
+
+def offered_in_greeting(greeting: bytes) -> Collection[bytes]:
+    """Dovecot lists XCLIENT in its greeting ("+OK [XCLIENT] ..."), not in CAPA, and only
+    to a trusted peer (login_trusted_networks)."""
+    return (b"XCLIENT",) if greeting.upper().startswith(b"+OK [XCLIENT]") else ()
+
+
+async def announce_client(talk: Conversation, offered: Collection[bytes]) -> None:
+    """XCLIENT with the SMTP client's address, as Dovecot's pop3 proxy sends it, so the
+    server penalises and logs that address instead of ours.
+
+    Dovecot answers one line and does not greet again (src/pop3-login/client.c
+    cmd_xclient). -ERR only means the server will not take it from us: the login goes on.
+    """
+    address = client_address(talk.client)
+    if address is None or b"XCLIENT" not in offered:
+        return
+    port = b" PORT=%d" % address.port if address.port else b""
+    await talk.send(b"XCLIENT ADDR=" + address.ip.encode("ascii") + port + b"\r\n")
+    answer = await talk.line()
+    if not answer.startswith((b"+OK", b"-ERR")):
+        raise ProtocolError("unexpected POP3 response to XCLIENT")
 
 
 def create(spec: BackendSpec) -> Pop3Login:

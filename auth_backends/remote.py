@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ofmipd.auth.remote")
 
-DEFAULT_TIMEOUT = 10.0
+# Longer than Dovecot's longest auth penalty (AUTH_PENALTY_MAX_SECS, 15 s) plus its
+# auth_failure_delay (2 s), so a penalised login is answered, not timed out. Keep it
+# below the chain's --auth-timeout (30 s), which would otherwise cut it short.
+DEFAULT_TIMEOUT = 20.0
 MAX_LINE = 16384  # longer server lines are garbage, not a login dialogue
 
 
