@@ -408,6 +408,22 @@ def test_dovecot_hears_tempfail(tempfail_config) -> None:
         assert "UNAVAILABLE" in imap_login(server, "alice", PASSWORD)
 
 
+@pytest.mark.slow
+def test_dovecot_refuses_a_setuid_checkpassword_and_takes_the_verdict_only_one(
+    tmp_path, make_user
+) -> None:
+    # Dovecot's checkpassword-reply will not run as another uid than the auth process
+    # (CVE-2013-6171: the user could ptrace it): Dovecot needs --checkpassword-no-setuid.
+    user = make_user()
+    config = users_file(tmp_path, user.name)
+    with CheckpasswordDovecot(f"{AUTHTEST} --config {config} --checkpassword") as server:
+        assert "UNAVAILABLE" in imap_login(server, user.name, PASSWORD)
+        assert "couldn't be run securely" in server.logs()
+    with CheckpasswordDovecot(f"{AUTHTEST} --config {config} {VERDICT_ONLY}") as server:
+        assert imap_login(server, user.name, PASSWORD) == "OK"
+        assert f"Login: user=<{user.name}>" in server.logs()
+
+
 # ---- ofmipd --check-config ---------------------------------------------------------------
 
 
