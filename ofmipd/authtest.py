@@ -430,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.checkpassword_no_setuid and args.checkpassword is None:
             raise ConfigError("--checkpassword-no-setuid goes with --checkpassword")
         elif args.checkpassword is not None:
+            if args.checkpassword[:1] == ["--checkpassword-no-setuid"]:
+                raise ConfigError(
+                    "give --checkpassword-no-setuid before --checkpassword: what follows "
+                    "--checkpassword is PROG"
+                )
             if args.user:
                 raise ConfigError("--checkpassword reads the user from fd 3, not the arguments")
             chain = build_chain(config)

@@ -306,6 +306,11 @@ def test_checkpassword_no_setuid_alone_is_misuse(config) -> None:
                            data=b"alice\0pw\0\0")  # fmt: skip
     assert result.returncode == 2
     assert b"--checkpassword-no-setuid goes with --checkpassword" in result.stderr
+    # After --checkpassword it would be taken for PROG: said, rather than exec'd.
+    args = ("--config", str(config), "--checkpassword", "--checkpassword-no-setuid", "/bin/true")
+    result = checkpassword(*args, data=b"alice\0pw\0\0")
+    assert result.returncode == 2
+    assert b"give --checkpassword-no-setuid before --checkpassword" in result.stderr
 
 
 # ---- behind a real ofmipd daemon (-A) -------------------------------------------------
