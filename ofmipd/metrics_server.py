@@ -6,10 +6,10 @@ waits on it forever: 200 idle connections held 200 threads. This one is the same
   - a bound on connections served at once (MAX_CONNECTIONS); one over it hears
     `503 Service Unavailable` and is closed at once, so a flood costs no thread and a
     scraper sees why it failed (waiting instead would queue scrapes behind the flood);
-  - a deadline per connection (SECONDS from accept, for the request to arrive and the reply
-    to be written): a socket timeout bounds each read and write, and the accept loop shuts
-    down connections past their deadline, so a request line sent a byte at a time is
-    dropped too. A slot is free again after SECONDS at most.
+  - a deadline per connection (DEADLINE seconds from accept, for the request to arrive and
+    the reply to be written): a socket timeout bounds each read and write, and the accept loop
+    shuts down connections past their deadline, so a request line sent a byte at a time is
+    dropped too. A slot is free again after DEADLINE seconds at most.
 It runs in one daemon thread, off the event loop, as before.
 """
 
@@ -27,14 +27,14 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 log = logging.getLogger("ofmipd.metrics")
 
 MAX_CONNECTIONS = 8  # one or two Prometheus servers scrape; more at once is not a scraper
-SECONDS = 5.0  # a scrape of this registry takes milliseconds
+DEADLINE = 5.0  # seconds from accept; a scrape of this registry takes milliseconds
 BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class _Handler(WSGIRequestHandler):
     def setup(self) -> None:
         # Each read and write waits this long at most (the deadline bounds their sum).
-        self.request.settimeout(self.server.seconds)  # type: ignore[attr-defined]
+        self.request.settimeout(self.server.deadline)  # type: ignore[attr-defined]
         super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
@@ -53,13 +53,13 @@ class BoundedServer(ThreadingMixIn, WSGIServer):
         address: tuple[str, int],
         app: Callable[..., Any],
         max_connections: int = MAX_CONNECTIONS,
-        seconds: float = SECONDS,
+        deadline: float = DEADLINE,
     ) -> None:
         family, _, _, _, sockaddr = socket.getaddrinfo(
             address[0], address[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         self.address_family = family
-        self.seconds = seconds
+        self.deadline = deadline
         self._slots = threading.BoundedSemaphore(max_connections)
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()  # a socket is shut down or closed, never both at once
@@ -83,7 +83,7 @@ class BoundedServer(ThreadingMixIn, WSGIServer):
             self.shutdown_request(request)
             return
         with self._lock:
-            self._deadlines[request] = time.monotonic() + self.seconds
+            self._deadlines[request] = time.monotonic() + self.deadline
         try:
             super().process_request(request, client_address)  # starts the thread
         except BaseException:
@@ -128,9 +128,9 @@ def start(
     port: int,
     app: Callable[..., Any],
     max_connections: int = MAX_CONNECTIONS,
-    seconds: float = SECONDS,
+    deadline: float = DEADLINE,
 ) -> BoundedServer:
     """Bind HOST:PORT and serve `app` from a daemon thread; OSError if it cannot bind."""
-    server = BoundedServer((host, port), app, max_connections, seconds)
+    server = BoundedServer((host, port), app, max_connections, deadline)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

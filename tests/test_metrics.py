@@ -160,9 +160,9 @@ def test_parse_address() -> None:
 # ---- the endpoint is bounded: threads, connections, time ------------------------------
 
 
-def bounded(seconds: float) -> tuple[PrometheusMetrics, int]:
+def bounded(deadline: float) -> tuple[PrometheusMetrics, int]:
     metrics, port = PrometheusMetrics(), free_port()
-    metrics.start("127.0.0.1", port, max_connections=8, seconds=seconds)
+    metrics.start("127.0.0.1", port, max_connections=8, deadline=deadline)
     return metrics, port
 
 
@@ -195,7 +195,7 @@ def replies_and_close_times(
 
 @pytest.mark.slow
 def test_idle_connections_hold_few_threads_and_are_closed_after_the_deadline() -> None:
-    metrics, port = bounded(seconds=1.5)
+    metrics, port = bounded(deadline=1.5)
     before = threading.active_count()
     idle, opened = [], []
     try:
@@ -221,7 +221,7 @@ def test_idle_connections_hold_few_threads_and_are_closed_after_the_deadline() -
 
 
 def test_beyond_the_bound_a_client_hears_503_at_once() -> None:
-    metrics, port = bounded(seconds=30)
+    metrics, port = bounded(deadline=30)
     before = threading.active_count()
 
     def wait_for_threads(count: int) -> None:
@@ -257,7 +257,7 @@ def test_beyond_the_bound_a_client_hears_503_at_once() -> None:
 
 @pytest.mark.slow
 def test_a_request_line_sent_a_byte_at_a_time_is_dropped_at_the_deadline() -> None:
-    metrics, port = bounded(seconds=1.5)
+    metrics, port = bounded(deadline=1.5)
     started = time.monotonic()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
