@@ -13,6 +13,7 @@ import smtplib
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -423,10 +424,20 @@ def test_dovecot_refuses_a_setuid_checkpassword_and_takes_the_verdict_only_one(
     config = users_file(tmp_path, user.name)
     with CheckpasswordDovecot(f"{AUTHTEST} --config {config} --checkpassword") as server:
         assert "UNAVAILABLE" in imap_login(server, user.name, PASSWORD)
-        assert "couldn't be run securely" in server.logs()
+        assert wait_for_log(server, "couldn't be run securely")
     with CheckpasswordDovecot(f"{AUTHTEST} --config {config} {VERDICT_ONLY}") as server:
         assert imap_login(server, user.name, PASSWORD) == "OK"
-        assert f"Login: user=<{user.name}>" in server.logs()
+        assert wait_for_log(server, f"Login: user=<{user.name}>")
+
+
+def wait_for_log(server: Dovecot, text: str, timeout: float = 10) -> bool:
+    """Dovecot's processes write their lines through its log process: a moment later."""
+    deadline = time.monotonic() + timeout
+    while text not in server.logs():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # ---- ofmipd --check-config ---------------------------------------------------------------
