@@ -75,8 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpassword",
         nargs=argparse.REMAINDER,
         metavar="PROG",
-        help="act as a checkpassword program: read user\\0password\\0 from fd 3, "
-        "exec PROG with $USER set on success (exit 0 without PROG)",
+        help="act as a checkpassword program: read user\\0password\\0 from fd 3; on success "
+        "become the user as DJB's checkpassword does (groups, gid, uid from the passwd "
+        "database; $USER, $HOME, $SHELL; cd $HOME) and exec PROG (exit 0 without PROG). "
+        "A user with no passwd entry exits 1. Give it last: the rest are PROG's arguments",
+    )
+    parser.add_argument(
+        "--checkpassword-no-setuid",
+        action="store_true",
+        help="with --checkpassword: only set $USER before exec'ing PROG, for consumers that "
+        "want just a verdict (Dovecot's checkpassword passdb, another ofmipd's -A)",
     )
     parser.add_argument(
         "--quota",
@@ -325,7 +333,7 @@ def read_fd3() -> bytes | None:
     return data
 
 
-def checkpassword(chain: Chain, prog: list[str]) -> int:
+def checkpassword(chain: Chain, prog: list[str], setuid: bool = True) -> int:
     """The DJB interface: credentials on fd 3; exit 1 reject, 111 temporary failure, 2 misuse.
 
     Nothing goes to stdout: under qmail-popup it is the client's connection.
@@ -356,13 +364,65 @@ def checkpassword(chain: Chain, prog: list[str]) -> int:
         return EXIT[decision.verdict]
     if not prog:
         return 0
-    os.environ["USER"] = decision.user or user.decode()
+    name = decision.user or user.decode()  # the store's canonical name, not the typed one
+    if not setuid:
+        os.environ["USER"] = name
+    else:
+        failed = become(name)
+        if failed:
+            return failed
     try:
         os.execvp(prog[0], prog)  # noqa: S606 - the checkpassword interface execs PROG
     except OSError as error:
         print(f"ofmipd-authtest: cannot run {prog[0]}: {error.strerror}", file=sys.stderr)
         return 111
     return 111  # not reached
+
+
+def become(name: str) -> int:
+    """Set the process up for `name` as DJB's checkpassword does before it execs PROG.
+
+    Its supplementary groups, gid and uid from the passwd database, then (as the user, so
+    a home it cannot enter fails here) chdir to the home directory; $USER, $HOME and
+    $SHELL, as checkpassword, checkpassword-pam and checkpw set them (none sets $LOGNAME).
+    0 when done, else the exit code, with the reason on stderr: 1 for a user the passwd
+    database does not know (there is no one to become), 111 for what the admin must fix.
+    """
+    import pwd
+
+    shown = printable(name) or "-"
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        complain(f"{shown}: accepted, but not in the passwd database: PROG not run "
+                 "(--checkpassword-no-setuid runs it without a system user)")  # fmt: skip
+        return 1
+    if os.geteuid() == 0:
+        try:
+            os.initgroups(entry.pw_name, entry.pw_gid)
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+        except OSError as error:
+            complain(f"{shown}: cannot switch to uid {entry.pw_uid}: {error.strerror}")
+            return 111
+    elif entry.pw_uid != os.getuid():
+        # Only root can become another user: a daemon not running as root can serve its
+        # own user alone. A temporary failure, not a wrong password: the admin must fix it.
+        complain(f"{shown}: cannot switch to uid {entry.pw_uid} as uid {os.getuid()}: "
+                 "run as root, or give --checkpassword-no-setuid")  # fmt: skip
+        return 111
+    try:
+        os.chdir(entry.pw_dir)
+    except OSError as error:  # DJB's checkpassword: exit 111
+        complain(f"{shown}: cannot change to home directory {printable(entry.pw_dir)}: "
+                 f"{error.strerror}")  # fmt: skip
+        return 111
+    os.environ.update(USER=entry.pw_name, HOME=entry.pw_dir, SHELL=entry.pw_shell)
+    return 0
+
+
+def complain(message: str) -> None:
+    print(f"ofmipd-authtest: {message}", file=sys.stderr)
 
 
 def quota_usage(config: Config, user: str) -> int:
@@ -411,7 +471,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.quota is not None:
             if args.user or args.checkpassword is not None:
                 raise ConfigError("--quota USER takes no other user or --checkpassword")
+        elif args.checkpassword_no_setuid and args.checkpassword is None:
+            raise ConfigError("--checkpassword-no-setuid goes with --checkpassword")
         elif args.checkpassword is not None:
+            if args.checkpassword[:1] == ["--checkpassword-no-setuid"]:
+                raise ConfigError(
+                    "give --checkpassword-no-setuid before --checkpassword: what follows "
+                    "--checkpassword is PROG"
+                )
             if args.user:
                 raise ConfigError("--checkpassword reads the user from fd 3, not the arguments")
             chain = build_chain(config)
@@ -435,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quota is not None:
         return quota_usage(config, args.quota)
     if args.checkpassword is not None:
-        return checkpassword(chain, args.checkpassword)
+        return checkpassword(chain, args.checkpassword, setuid=not args.checkpassword_no_setuid)
     try:
         password = read_password()
     except ConfigError as error:

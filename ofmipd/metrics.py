@@ -2,8 +2,9 @@
 
 The no-op facade, NoMetrics, is defined in ofmipd.app, so a process without --metrics
 (every `ofmipd -1`) never imports this module. prometheus-client is imported only when
-metrics are configured. The exporter is prometheus_client's own HTTP server in a daemon
-thread: scrapes never touch the event loop, and counters are thread-safe. Metrics use a
+metrics are configured. The exporter (ofmipd.metrics_server) serves prometheus_client's
+WSGI app from a daemon thread with a bound on connections and a deadline for each:
+scrapes never touch the event loop, and counters are thread-safe. Metrics use a
 private registry, so a SIGHUP reload that keeps the same Metrics object keeps its counts.
 """
 
@@ -115,11 +116,15 @@ class PrometheusMetrics:
     def quota_exceeded(self, kind: str) -> None:
         self.quotas.labels(kind).inc()
 
-    def start(self, host: str, port: int) -> None:
+    def start(self, host: str, port: int, **bounds: Any) -> None:
+        """Serve the registry on HOST:PORT (bounds: metrics_server.start's limits)."""
         import prometheus_client as prom
 
+        from ofmipd import metrics_server
+
         try:
-            self._server, _thread = prom.start_http_server(port, addr=host, registry=self.registry)
+            app = prom.make_wsgi_app(self.registry)
+            self._server = metrics_server.start(host, port, app, **bounds)
         except OSError as error:
             raise ConfigError(f"--metrics {host}:{port}: {error.strerror or error}") from None
 

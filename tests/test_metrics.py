@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import select
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -14,6 +21,7 @@ from ofmipd.app import NoMetrics
 from ofmipd.auth import Attempt, Decision, Outcome, Verdict
 from ofmipd.errors import ConfigError
 from ofmipd.metrics import PrometheusMetrics, delivery_result, parse_address, serve
+from tests.ofmipd_server import authfile, start_daemon
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -147,3 +155,149 @@ def test_parse_address() -> None:
     assert delivery_result("250 2.0.0 ok") == "250"
     assert delivery_result("421 bye") == "4xx"
     assert delivery_result("") == "other"
+
+
+# ---- the endpoint is bounded: threads, connections, time ------------------------------
+
+
+def bounded(deadline: float) -> tuple[PrometheusMetrics, int]:
+    metrics, port = PrometheusMetrics(), free_port()
+    metrics.start("127.0.0.1", port, max_connections=8, deadline=deadline)
+    return metrics, port
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (TimeoutError if not)."""
+    sock.settimeout(timeout)
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def replies_and_close_times(
+    socks: list[socket.socket], timeout: float
+) -> list[tuple[bytes, float]]:
+    """For each socket, what the server sent until it closed, and when it closed."""
+    found: dict[socket.socket, tuple[bytes, float]] = {}
+    data = dict.fromkeys(socks, b"")
+    deadline = time.monotonic() + timeout
+    while len(found) < len(socks) and time.monotonic() < deadline:
+        ready, _, _ = select.select([s for s in socks if s not in found], [], [], 0.1)
+        for sock in ready:
+            chunk = sock.recv(4096)
+            data[sock] += chunk
+            if not chunk:
+                found[sock] = (data[sock], time.monotonic())
+    assert len(found) == len(socks), "the server left connections open"
+    return [found[sock] for sock in socks]
+
+
+@pytest.mark.slow
+def test_idle_connections_hold_few_threads_and_are_closed_after_the_deadline() -> None:
+    metrics, port = bounded(deadline=1.5)
+    before = threading.active_count()
+    idle, opened = [], []
+    try:
+        for n in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            opened.append(time.monotonic())
+            if n % 20 == 19:  # eight are served (each waits for its request): not 200 threads
+                assert threading.active_count() <= before + 8
+        replies = replies_and_close_times(idle, timeout=30)
+        refused = [r for r, _ in replies if r.startswith(b"HTTP/1.0 503 Service Unavailable")]
+        held = [closed - at for (r, closed), at in zip(replies, opened) if r == b""]
+        assert len(refused) + len(held) == 200 and len(refused) > 100
+        # The ones served were closed at their deadline (from accept), not before.
+        assert held and all(1.4 <= seconds < 6 for seconds in held), held
+        # The deadlines freed the slots: a scrape answers, and the threads are gone.
+        assert ("ofmipd_sessions_active", ()) in scrape(port)
+        time.sleep(0.2)
+        assert threading.active_count() <= before
+    finally:
+        for sock in idle:
+            sock.close()
+        metrics.stop()
+
+
+def test_beyond_the_bound_a_client_hears_503_at_once() -> None:
+    metrics, port = bounded(deadline=30)
+    before = threading.active_count()
+
+    def wait_for_threads(count: int) -> None:
+        for _ in range(100):
+            if threading.active_count() == count:
+                return
+            time.sleep(0.05)
+        assert threading.active_count() == count
+
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(7)]
+    try:
+        wait_for_threads(before + 7)
+        metrics.delivery("250 ok")  # seven idle connections: a scrape still has a slot
+        assert scrape(port)[("ofmipd_deliveries_total", (("result", "250"),))] == 1
+        idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        wait_for_threads(before + 8)  # all slots taken
+        started = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            scrape(port)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as ninth:
+            reply = read_until_closed(ninth, timeout=10)
+        assert reply.startswith(b"HTTP/1.0 503 Service Unavailable\r\n")
+        assert time.monotonic() - started < 2  # not after the 30 s deadline
+        for sock in idle:
+            sock.close()  # the slots free as soon as their clients go
+        wait_for_threads(before)
+        assert ("ofmipd_sessions_active", ()) in scrape(port)
+    finally:
+        for sock in idle:
+            sock.close()
+        metrics.stop()
+
+
+@pytest.mark.slow
+def test_a_request_line_sent_a_byte_at_a_time_is_dropped_at_the_deadline() -> None:
+    metrics, port = bounded(deadline=1.5)
+    started = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            # Each byte comes well within the socket timeout; the deadline still ends it.
+            for byte in itertools.cycle(b"GET /metrics?x=slowloris"):
+                ready, _, _ = select.select([sock], [], [], 0.2)
+                if ready or time.monotonic() - started > 10:
+                    break
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    break
+            assert read_until_closed(sock, timeout=5) == b""  # no reply at all
+        assert 1.4 <= time.monotonic() - started < 6
+    finally:
+        metrics.stop()
+
+
+def tasks(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.slow
+def test_a_daemon_keeps_its_thread_count_under_200_idle_metrics_connections(tmp_path) -> None:
+    users = authfile(tmp_path, "gina:pw\n")
+    port = free_port()
+    daemon = start_daemon(tmp_path, users, tmp_path, "--metrics", f"127.0.0.1:{port}")
+    idle = []
+    try:
+        scrape(port)
+        before = tasks(daemon.proc.pid)
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+        time.sleep(0.5)
+        assert tasks(daemon.proc.pid) <= before + 8  # was before + 200
+        for sock in idle:
+            sock.close()
+        time.sleep(0.3)
+        assert ("ofmipd_sessions_active", ()) in scrape(port)
+    finally:
+        for sock in idle:
+            sock.close()
+        daemon.stop()
+    assert "Traceback" not in daemon.log_text()
