@@ -181,6 +181,7 @@ class ImapLogin:
     def __init__(self, server: RemoteServer) -> None:
         self.server = server
         self.target = server.target
+        self.transport = server.transport  # for --check-config
 
     async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
         return await self.server.converse(client, user, secret, login, b"a2 LOGOUT\r\n")

@@ -71,6 +71,7 @@ class Pop3Login:
     def __init__(self, server: RemoteServer) -> None:
         self.server = server
         self.target = server.target
+        self.transport = server.transport  # for --check-config
         self.apop = server.scheme == "apop"
 
     async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:

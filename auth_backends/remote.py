@@ -108,6 +108,21 @@ class RemoteServer:
             self.target += f" tls={self.tls}"
         if self.ipauthmap is not None:
             self.target += f" ipauthmap={self.ipauthmap.path}"
+        self.transport = self._transport()
+
+    def _transport(self) -> str:
+        """How passwords travel, for --check-config."""
+        if self.tls == "implicit":
+            return "passwords over TLS"
+        if self.tls == "none":
+            return "passwords in CLEARTEXT"
+        if self.tls == "starttls":
+            return "passwords over STARTTLS, required at login"
+        if self.ipauthmap is not None:
+            return "passwords over STARTTLS; in cleartext only to a loopback server"
+        if self.host.lower() == "localhost" or is_loopback(self.host):
+            return "passwords over STARTTLS if offered, else in cleartext to loopback"
+        return "passwords over STARTTLS, required at login"
 
     def _tls_mode(self, options: Mapping[str, Any], implicit: bool, where: str) -> str:
         if implicit:
@@ -280,14 +295,9 @@ class Conversation:
         )
 
     def peer_is_loopback(self) -> bool:
+        """The address actually connected to, whatever name led there."""
         peer = self.writer.get_extra_info("peername")
-        try:
-            address = ipaddress.ip_address(peer[0].split("%", 1)[0])
-        except (TypeError, IndexError, ValueError):
-            return False  # not an IP socket: do not guess
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return address.is_loopback
+        return isinstance(peer, tuple) and is_loopback(str(peer[0]))
 
     async def upgrade(self) -> None:
         """TLS on this connection, after the server's go-ahead to STARTTLS/STLS."""
@@ -341,6 +351,17 @@ class Conversation:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await self.writer.wait_closed()
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (and IPv4-mapped 127.x); a name or anything else is not."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def safe_text(data: bytes, limit: int = 80) -> str:

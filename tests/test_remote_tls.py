@@ -351,12 +351,19 @@ def test_tls_none_is_a_warning_at_start_and_in_check_config(tmp_path: Path) -> N
     assert f"warning: -R {url}: tls=none: users' passwords go to the server in cleartext" in (
         checked.stdout
     )
-    assert " tls=none" in checked.stdout.split("authenticators (in order):")[1].splitlines()[1]
-    default = subprocess.run(
-        [*ofmipd_command("--check-config", "-R", url.split("?")[0])],
-        capture_output=True, text=True, env=server_env(), timeout=60,
-    )  # fmt: skip
-    assert default.returncode == 0 and "cleartext" not in default.stdout
+    line = checked.stdout.split("authenticators (in order):")[1].splitlines()[1]
+    assert line.endswith(" tls=none (passwords in CLEARTEXT)"), line
+    for shown, transport in [
+        ("imap://127.0.0.1", "STARTTLS if offered, else in cleartext to loopback"),
+        ("pop3://mail.example.org", "STARTTLS, required at login"),
+        ("imaps://mail.example.org", "passwords over TLS"),
+    ]:
+        default = subprocess.run(
+            [*ofmipd_command("--check-config", "-R", shown)],
+            capture_output=True, text=True, env=server_env(), timeout=60,
+        )  # fmt: skip
+        assert default.returncode == 0 and "warning" not in default.stdout, default.stdout
+        assert f"{transport})\n" in default.stdout, default.stdout
     port = free_port()
     with Daemon(["-p", f"127.0.0.1:{port}", "-R", url, "--sendmail", "/bin/true"], port, tmp_path):
         pass
