@@ -59,8 +59,12 @@ class Standin:
         self.port = 0
         self.received = bytearray()
         self.server: asyncio.Server | None = None
+        self.connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections[task] = writer
         peer = Peer(reader, writer, self.received)
         with contextlib.suppress(Exception):  # the client hanging up ends the script
             await self.script(peer)
@@ -77,6 +81,12 @@ class Standin:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
+        # Scripts that never end (floods) end when their connection does; a task left to
+        # asyncio.run's cancelling would be logged as an error by asyncio's streams.
+        for writer in self.connections.values():
+            writer.transport.abort()
+        if self.connections:
+            await asyncio.wait(self.connections, timeout=2)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):
                 await self.server.wait_closed()

@@ -144,31 +144,30 @@ def test_man_in_the_middle_saying_yes_off_loopback_gets_no_password(
         assert (PASSWORD.encode() in received) is (scheme != "apop")
 
 
-async def strip_starttls(
-    client_reader: asyncio.StreamReader,
-    client_writer: asyncio.StreamWriter,
-    upstream: tuple[str, int],
-    forwarded: bytearray,
-) -> None:
-    """A man in the middle: relays to the real server, hiding STARTTLS and STLS."""
-    reader, writer = await asyncio.open_connection(*upstream)
+def stripping_starttls(upstream: tuple[str, int]) -> Script:
+    """A man in the middle: relays to the real server, hiding STARTTLS and STLS; what the
+    client sends is recorded as a stand-in's `received`."""
 
-    async def down() -> None:
-        while line := await reader.readline():
-            if line.rstrip(b"\r\n").upper() == b"STLS":
-                continue
-            client_writer.write(line.replace(b" STARTTLS", b""))
-            await client_writer.drain()
-        client_writer.close()
+    async def script(peer: Peer) -> None:
+        reader, writer = await asyncio.open_connection(*upstream)
 
-    async def up() -> None:
-        while data := await client_reader.read(4096):
-            forwarded.extend(data)
-            writer.write(data)
-            await writer.drain()
-        writer.close()
+        async def down() -> None:
+            while line := await reader.readline():
+                if line.rstrip(b"\r\n").upper() != b"STLS":
+                    await peer.send(line.replace(b" STARTTLS", b""))
 
-    await asyncio.gather(down(), up(), return_exceptions=True)
+        async def up() -> None:
+            try:
+                while data := await peer.reader.read(4096):
+                    peer.received += data
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()  # the server hangs up in turn, which ends down()
+
+        await asyncio.gather(down(), up(), return_exceptions=True)
+
+    return script
 
 
 @pytest.mark.root
@@ -181,15 +180,9 @@ def test_starttls_stripped_by_a_man_in_the_middle_gets_no_password(
         async def through_mitm(scheme: str, host: str, query: str = "") -> tuple[Outcome, bytes]:
             proto = {"apop": "pop3"}.get(scheme, scheme)
             upstream = (server.host, server.ports[proto])
-            forwarded = bytearray()
-            mitm = await asyncio.start_server(
-                lambda r, w: strip_starttls(r, w, upstream, forwarded), host, 0
-            )
-            port = mitm.sockets[0].getsockname()[1]
-            async with mitm:
-                url = f"{scheme}://{host}:{port}" + (f"?{query}" if query else "")
-                outcome = await verify_url(url, "alice", PASSWORD, client)
-            return outcome, bytes(forwarded)
+            async with Standin(stripping_starttls(upstream), host=host) as mitm:
+                outcome = await verify_url(mitm.url(scheme, query), "alice", PASSWORD, client)
+            return outcome, bytes(mitm.received)
 
         for scheme in SCHEMES:
             # Off loopback, the default (auto) will not fall back to cleartext.
