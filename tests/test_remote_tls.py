@@ -376,3 +376,24 @@ def test_bad_tls_setting_is_one_line_and_exit_2() -> None:
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and complaint in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_tls_is_a_toml_key_too() -> None:
+    backend = create(BackendSpec(kind="pop3", options={"url": "apop://h", "tls": "starttls"}))
+    assert backend.target == "apop://h:110 tls=starttls"
+    assert backend.transport == "passwords over STARTTLS, required at login"
+    # the table's own setting wins over the URL's query, as for every remote option
+    both = create(BackendSpec(kind="imap", options={"url": "imap://h?tls=none", "tls": "auto"}))
+    assert both.target == "imap://h:143"
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.9.8.7", True), ("::1", True), ("::ffff:127.0.0.2", True),
+     ("192.0.2.117", False), ("::ffff:192.0.2.1", False), ("10.0.0.1", False),
+     ("localhost.example.org", False), ("", False)],
+)  # fmt: skip
+def test_loopback_is_an_address_test(host: str, loopback: bool) -> None:
+    from auth_backends.remote import is_loopback
+
+    assert is_loopback(host) is loopback
