@@ -244,7 +244,11 @@ class RemoteServer:
                 f"{talk.received} bytes received"
             )
         if isinstance(error, ssl.SSLCertVerificationError):
-            return f"TLS certificate not trusted: {error.verify_message}"
+            hint = "; ca_file names a CA to trust, tls=none skips STARTTLS"
+            # A local Dovecot's self-signed certificate is the common case after upgrading.
+            return f"TLS certificate not trusted: {error.verify_message}" + (
+                hint if self.tls == "auto" else ""
+            )
         if isinstance(error, ssl.SSLError):
             return f"TLS error {error.reason or type(error).__name__}"
         if isinstance(error, ConnectionRefusedError):
@@ -309,6 +313,7 @@ class Conversation:
         """TLS on this connection, after the server's go-ahead to STARTTLS/STLS."""
         # Bytes after the go-ahead were sent in cleartext (a man in the middle injecting
         # answers to read as if they came through TLS, CVE-2011-0411): refuse them.
+        # StreamReader has no public "bytes buffered"; its _buffer is a bytearray.
         if getattr(self.reader, "_buffer", b""):
             raise ProtocolError("server sent data after agreeing to start TLS")
         assert self._context is not None

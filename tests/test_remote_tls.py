@@ -72,6 +72,7 @@ def test_starttls_upgrade_is_the_only_way_into_a_dovecot_refusing_cleartext(
             untrusted = verify(server.url(scheme), client)
             assert untrusted.verdict is Verdict.TEMPFAIL, (scheme, untrusted)
             assert "certificate not trusted" in untrusted.reason
+            assert untrusted.reason.endswith("ca_file names a CA to trust, tls=none skips STARTTLS")
         logins = [line for line in server.logs().splitlines() if "Login: user=<alice>" in line]
         assert len(logins) == 3, server.logs()
         assert all(", TLS" in line for line in logins), logins
