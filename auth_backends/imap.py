@@ -1,5 +1,11 @@
 """Remote IMAP login check (-R imap://HOST[:PORT] or imaps://): LOGIN answers the password.
 
+The dialogue: the greeting; the capabilities, from the greeting's [CAPABILITY ...] or else
+by asking (Exchange's and Gmail's greetings carry none); STARTTLS when the server offers
+it (tls=auto or starttls, see auth_backends.remote), then the capabilities asked again
+over TLS, forgetting what was said in cleartext (RFC 3501 §6.2.1); LOGIN, unless the
+server advertises LOGINDISABLED.
+
 IMAP answers (RFC 3501 §7.1, response codes RFC 5530):
   tagged OK                         -> ACCEPT
   tagged NO                         -> REJECT (wrong password, unknown user, expired...)
@@ -10,7 +16,8 @@ IMAP answers (RFC 3501 §7.1, response codes RFC 5530):
   tagged BAD                        -> TEMPFAIL: BAD is about the command's syntax, never
                                        about the credentials, so it means a protocol
                                        mismatch that the admin must look at
-  greeting BYE, PREAUTH, LOGINDISABLED, garbage, timeout, refused -> TEMPFAIL
+  LOGINDISABLED (after any STARTTLS), STARTTLS refused or not offered where required,
+  greeting BYE, PREAUTH, garbage, timeout, refused -> TEMPFAIL, and no password is sent
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from ofmipd.identity import ClientIdentity
 SCHEMES = {"imap": (143, False), "imaps": (993, True)}
 TEMPORARY_CODES = {"UNAVAILABLE", "SERVERBUG", "INUSE", "LIMIT", "PRIVACYREQUIRED"}
 MAX_LITERAL = 65536
-_TAGGED = re.compile(rb"^a1 (OK|NO|BAD)\b(?: \[([A-Za-z0-9-]+)[^\]]*\])?", re.IGNORECASE)
-_LITERAL_AT_END = re.compile(rb"\{(\d+)\+?\}$")
+_GREETING = re.compile(rb"^\* (OK|PREAUTH|BYE)(?: |$)", re.IGNORECASE)
+_TAGGED = re.compile(rb"^([A-Za-z0-9]+) (OK|NO|BAD)(?: (.*))?$", re.IGNORECASE | re.DOTALL)
+_CODE = re.compile(rb"^\[([A-Za-z0-9-]+)[ \]]")
+_LITERAL_AT_END = re.compile(rb"\{(\d{1,10})\+?\}$")
+_GREETING_CAPABILITY = re.compile(rb"^\* OK \[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
+_UNTAGGED_CAPABILITY = b"* CAPABILITY "
 _ID_DONE = re.compile(rb"^i0 (OK|NO|BAD)\b", re.IGNORECASE)
-_CAPABILITY = re.compile(rb"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 
 
 def astring(value: bytes) -> tuple[bytes, bytes | None]:
@@ -50,30 +60,82 @@ async def _response(talk: Conversation) -> bytes:
     """One response line; literals inside untagged data are read and skipped."""
     line = await talk.line()
     # Only untagged data carries literals; a tagged line's text is free text (RFC 3501 §9).
-    while line.startswith(b"* ") and (match := _LITERAL_AT_END.search(line)) is not None:
+    if not line.startswith(b"* "):
+        return line
+    # Joined once: a line that keeps ending in a literal must not be copied again each time.
+    parts: list[bytes] = []
+    while (match := _LITERAL_AT_END.search(line)) is not None:
         size = int(match.group(1))
         if size > MAX_LITERAL:
             raise ProtocolError(f"IMAP literal of {size} bytes")
-        await talk.reader.readexactly(size)
-        line = line[: match.start()] + b'""' + await talk.line()
-    return line
+        await talk.literal(size)  # counted against the dialogue's bounds
+        parts += (line[: match.start()], b'""')
+        line = await talk.line()
+    parts.append(line)
+    return b"".join(parts)
+
+
+def _tagged(line: bytes, tag: bytes, command: str) -> tuple[str, str]:
+    """(status, response code) of our command's tagged answer; anything else is garbage."""
+    match = _TAGGED.match(line)
+    if match is None or match.group(1) != tag:
+        raise ProtocolError(f"unexpected IMAP response to {command}")
+    code = _CODE.match(match.group(3) or b"")
+    return match.group(2).upper().decode(), (code.group(1).upper().decode() if code else "")
+
+
+async def _capabilities(talk: Conversation, tag: bytes) -> set[bytes]:
+    """Ask CAPABILITY (RFC 3501 §6.1.1)."""
+    await talk.send(tag + b" CAPABILITY\r\n")
+    offered: set[bytes] = set()
+    while True:
+        line = await _response(talk)
+        if line[: len(_UNTAGGED_CAPABILITY)].upper() == _UNTAGGED_CAPABILITY:
+            offered = set(line[len(_UNTAGGED_CAPABILITY) :].upper().split())
+        elif not line.startswith(b"* "):
+            status, _ = _tagged(line, tag, "CAPABILITY")
+            if status != "OK":
+                raise ProtocolError(f"IMAP {status} to CAPABILITY")
+            return offered
+
+
+async def _starttls(talk: Conversation) -> None:
+    await talk.send(b"s1 STARTTLS\r\n")
+    while (line := await _response(talk)).startswith(b"* "):
+        pass
+    status, code = _tagged(line, b"s1", "STARTTLS")
+    if status != "OK":
+        said = f"IMAP {status} [{code}]" if code else f"IMAP {status}"
+        raise ProtocolError(f"{said} to STARTTLS; the password is not sent")
+    await talk.upgrade()
 
 
 async def login(talk: Conversation, user: bytes, password: bytes) -> Outcome:
     greeting = await _response(talk)
-    word = greeting[:10].upper()
-    if word.startswith(b"* BYE"):
-        return tempfail(f"IMAP server refused the connection: {safe_text(greeting[5:])}")
-    if word.startswith(b"* PREAUTH"):
-        return tempfail("IMAP server greeted PREAUTH, so it cannot check a password")
-    if not word.startswith(b"* OK"):
+    match = _GREETING.match(greeting)
+    if match is None:
         raise ProtocolError(f"not an IMAP greeting: {safe_text(greeting)!r}")
-    capabilities = _CAPABILITY.search(greeting)
-    if capabilities and b"LOGINDISABLED" in capabilities.group(1).upper().split():
-        # Do not send the password: the server says it would refuse it in plaintext.
-        return tempfail("IMAP server advertises LOGINDISABLED (needs TLS: use imaps://)")
-    await announce_client(talk, capabilities.group(1).upper().split() if capabilities else ())
+    word = match.group(1).upper()
+    if word == b"BYE":
+        return tempfail(f"IMAP server refused the connection: {safe_text(greeting[6:])}")
+    if word == b"PREAUTH":
+        return tempfail("IMAP server greeted PREAUTH, so it cannot check a password")
+    listed = _GREETING_CAPABILITY.match(greeting)
+    capabilities = (
+        set(listed.group(1).upper().split()) if listed else await _capabilities(talk, b"c1")
+    )
+    if talk.should_upgrade(b"STARTTLS" in capabilities, "STARTTLS"):
+        await _starttls(talk)
+        capabilities = await _capabilities(talk, b"c2")  # what was said in clear is void
+    if b"LOGINDISABLED" in capabilities:
+        # Do not send the password: the server says it would refuse it.
+        why = "over TLS" if talk.secure else "and no TLS (it offers no STARTTLS, or tls=none)"
+        return tempfail(f"IMAP server advertises LOGINDISABLED {why}")
+    await announce_client(talk, capabilities)
+    return await _login(talk, user, password)
 
+
+async def _login(talk: Conversation, user: bytes, password: bytes) -> Outcome:
     pending = b"a1 LOGIN"
     for text, literal in (astring(user), astring(password)):
         pending += b" " + text
@@ -132,11 +194,7 @@ async def _until_continuation(talk: Conversation) -> Outcome | None:
 def _verdict(line: bytes) -> Outcome:
     # Only the status and the response-code atom are reported: the server's free text
     # after we sent a password could echo it.
-    match = _TAGGED.match(line)
-    if match is None:
-        raise ProtocolError("unexpected IMAP response to LOGIN")
-    status = match.group(1).upper().decode()
-    code = (match.group(2) or b"").upper().decode()
+    status, code = _tagged(line, b"a1", "LOGIN")
     said = f"IMAP {status} [{code}]" if code else f"IMAP {status}"
     if status == "OK":
         return accept(f"{said} to LOGIN")
@@ -155,6 +213,7 @@ class ImapLogin:
     def __init__(self, server: RemoteServer) -> None:
         self.server = server
         self.target = server.target
+        self.transport = server.transport  # for --check-config
 
     async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
         return await self.server.converse(client, user, secret, login, b"a2 LOGOUT\r\n")

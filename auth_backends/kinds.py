@@ -345,7 +345,15 @@ REMOTE_OPTIONS = (
     Option(
         "fallback", TEXT, "server for addresses not in the map, or none", "127.0.0.1", in_url=True
     ),
-    Option("ca_file", TEXT, "CA certificates for TLS URLs", in_url=True),
+    Option(
+        "tls",
+        TEXT,
+        "imap://, pop3://, apop://: auto (STARTTLS when offered; cleartext only to a "
+        "loopback address), starttls (required), none (cleartext, warned at start)",
+        "auto",
+        in_url=True,
+    ),
+    Option("ca_file", TEXT, "CA certificates for TLS and STARTTLS", in_url=True),
     Option("verify", BOOLEAN, "check the server's certificate", True, in_url=True),
 )
 

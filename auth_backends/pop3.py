@@ -1,17 +1,25 @@
 """Remote POP3 login check: -R pop3://HOST[:PORT], pop3s:// (USER/PASS) or apop:// (APOP).
 
-POP3 answers (RFC 1939, extended response codes RFC 2449 and RFC 3206):
+The dialogue: the greeting; CAPA (RFC 2449); STLS when the server offers it (tls=auto or
+starttls, see auth_backends.remote), then CAPA again over TLS, forgetting what was said in
+cleartext (RFC 2595 §4); then USER/PASS, or APOP with the greeting's timestamp.
+
+APOP is weaker than USER/PASS over TLS: anyone who sees the greeting's timestamp and the
+digest (a man in the middle of a cleartext apop://, or a server log) can try passwords
+against MD5 offline, at billions per second. Prefer pop3:// with STLS or pop3s://; use
+apop:// over STLS (tls=auto or starttls) where APOP is all a server takes.
+
+POP3 answers (RFC 1939, extended response codes RFC 2449 and RFC 3206), read strictly:
+a status is "+OK" or "-ERR", alone or followed by a space ("+OKAY" is garbage):
   +OK                                   -> ACCEPT
   -ERR, -ERR [AUTH]                     -> REJECT
-  -ERR [SYS/TEMP] / [SYS/PERM] / [LOGIN-DELAY]
+  -ERR [SYS/...] / [LOGIN-DELAY] / [IN-USE]
                                         -> TEMPFAIL: the server could not check or will
-                                           not let the user in now; no word on the password
-  -ERR [IN-USE]                         -> ACCEPT: RFC 2449 §8.1.2 says the authentication
-                                           succeeded and only the maildrop is locked, which
-                                           happens while the user's own mail client is
-                                           connected; that must not stop them sending mail
-                                           (after USER, which proves nothing: TEMPFAIL)
-  CAPA without USER (plaintext login off)  -> TEMPFAIL, and the password is not sent
+                                           not let the user in now. [IN-USE] is no proof
+                                           of the password: a server may report the
+                                           maildrop lock before it checks the password
+  CAPA without USER (plaintext login off), STLS refused or not offered where required
+                                        -> TEMPFAIL, and the password is not sent
   greeting -ERR, no APOP timestamp, garbage, timeout, refused -> TEMPFAIL
 """
 
@@ -30,23 +38,29 @@ from ofmipd.identity import ClientIdentity
 
 SCHEMES = {"pop3": (110, False), "pop3s": (995, True), "apop": (110, False)}
 MAX_CAPA_LINES = 200
-TEMPORARY_CODES = {"SYS/TEMP", "SYS/PERM", "LOGIN-DELAY"}
-_CODE = re.compile(rb"^-ERR \[([A-Za-z0-9/-]+)")
+TEMPORARY_CODES = {"LOGIN-DELAY", "IN-USE"}  # and every SYS/... (RFC 3206)
+_STATUS = re.compile(rb"^(\+OK|-ERR)(?: |$)")
+_CODE = re.compile(rb"^-ERR \[([A-Za-z0-9/-]+)\]")
 _TIMESTAMP = re.compile(rb"<[\x21-\x3b\x3d\x3f-\x7e]+>")  # RFC 1939 §7: a msg-id in <...>
+
+
+def _status(line: bytes) -> bytes | None:
+    """b"+OK", b"-ERR", or None for anything else."""
+    match = _STATUS.match(line)
+    return match.group(1) if match else None
 
 
 def _verdict(line: bytes, command: str) -> Outcome:
     # Only the status and the code are reported: free text after PASS could echo it.
-    if line.startswith(b"+OK"):
+    status = _status(line)
+    if status == b"+OK":
         return accept(f"POP3 +OK to {command}")
-    if not line.startswith(b"-ERR"):
+    if status is None:
         raise ProtocolError(f"unexpected POP3 response to {command}")
     match = _CODE.match(line)
     code = match.group(1).upper().decode() if match else ""
     said = f"POP3 -ERR [{code}] to {command}" if code else f"POP3 -ERR to {command}"
-    if code == "IN-USE" and command != "USER":  # USER proves nothing about the password
-        return accept(f"{said}: password accepted, maildrop busy")
-    if code in TEMPORARY_CODES or code == "IN-USE":
+    if code in TEMPORARY_CODES or code.startswith("SYS/"):
         return tempfail(said)
     return reject(said)
 
@@ -59,50 +73,69 @@ class Pop3Login:
     def __init__(self, server: RemoteServer) -> None:
         self.server = server
         self.target = server.target
+        self.transport = server.transport  # for --check-config
         self.apop = server.scheme == "apop"
 
     async def verify(self, user: str, secret: Secret, client: ClientIdentity) -> Outcome:
         return await self.server.converse(client, user, secret, self.login, b"QUIT\r\n")
 
     async def login(self, talk: Conversation, user: bytes, password: bytes) -> Outcome:
+        if self.apop and b" " in user:  # before anything is said
+            return reject("APOP cannot carry a user name containing a space")
         greeting = await talk.line()
-        if greeting.startswith(b"-ERR"):
-            return tempfail(f"POP3 server refused the connection: {safe_text(greeting[4:])}")
-        if not greeting.startswith(b"+OK"):
+        status = _status(greeting)
+        if status == b"-ERR":
+            return tempfail(f"POP3 server refused the connection: {safe_text(greeting[5:])}")
+        if status is None:
             raise ProtocolError(f"not a POP3 greeting: {safe_text(greeting)!r}")
-        await announce_client(talk, offered_in_greeting(greeting))
+        capabilities = await self._capabilities(talk)
+        if talk.should_upgrade(capabilities is not None and b"STLS" in capabilities, "STLS"):
+            await talk.send(b"STLS\r\n")
+            if _status(await talk.line()) != b"+OK":
+                raise ProtocolError("POP3 server refused STLS; the password is not sent")
+            await talk.upgrade()
+            capabilities = await self._capabilities(talk)  # what was said in clear is void
+        # XCLIENT: Dovecot lists it in the greeting, others may in CAPA (after STLS)
+        await announce_client(talk, {*offered_in_greeting(greeting), *(capabilities or ())})
         if self.apop:
-            timestamp = _TIMESTAMP.search(greeting)
-            if timestamp is None:
-                return tempfail("POP3 greeting has no APOP timestamp (APOP not enabled?)")
-            if b" " in user:
-                return reject("APOP cannot carry a user name containing a space")
-            digest = hashlib.md5(timestamp.group(0) + password).hexdigest().encode()
-            await talk.send(b"APOP " + user + b" " + digest + b"\r\n")
-            return _verdict(await talk.line(), "APOP")
-        if not await self._offers_user(talk):
+            return await self._apop(talk, greeting, user, password)
+        if capabilities is not None and b"USER" not in capabilities:
             # Do not send the password: the server says it would refuse it (plaintext off).
-            return tempfail("POP3 server does not offer USER now (CAPA; needs TLS: use pop3s://)")
+            return tempfail(
+                "POP3 server does not offer USER now (CAPA; it wants TLS: offer STLS or "
+                "use pop3s://)"
+            )
         await talk.send(b"USER " + user + b"\r\n")
         answer = await talk.line()
-        if not answer.startswith(b"+OK"):
+        if _status(answer) != b"+OK":
             return _verdict(answer, "USER")
         await talk.send(b"PASS " + password + b"\r\n")
         return _verdict(await talk.line(), "PASS")
 
-    async def _offers_user(self, talk: Conversation) -> bool:
-        """RFC 2449 CAPA; a server without CAPA (plain RFC 1939) is assumed to take USER."""
+    async def _apop(
+        self, talk: Conversation, greeting: bytes, user: bytes, password: bytes
+    ) -> Outcome:
+        # The timestamp is the first greeting's, also after STLS (RFC 2595 §4).
+        timestamp = _TIMESTAMP.search(greeting)
+        if timestamp is None:
+            return tempfail("POP3 greeting has no APOP timestamp (APOP not enabled?)")
+        digest = hashlib.md5(timestamp.group(0) + password).hexdigest().encode()
+        await talk.send(b"APOP " + user + b" " + digest + b"\r\n")
+        return _verdict(await talk.line(), "APOP")
+
+    async def _capabilities(self, talk: Conversation) -> set[bytes] | None:
+        """RFC 2449 CAPA; None from a server without CAPA (plain RFC 1939)."""
         await talk.send(b"CAPA\r\n")
-        answer = await talk.line()
-        if answer.startswith(b"-ERR"):
-            return True
-        if not answer.startswith(b"+OK"):
+        status = _status(await talk.line())
+        if status == b"-ERR":
+            return None
+        if status is None:
             raise ProtocolError("unexpected POP3 response to CAPA")
-        offered = set()
+        offered: set[bytes] = set()
         for _ in range(MAX_CAPA_LINES):
             line = await talk.line()
             if line == b".":
-                return b"USER" in offered
+                return offered
             offered.add(line.split(b" ", 1)[0].upper())
         raise ProtocolError(f"POP3 CAPA list longer than {MAX_CAPA_LINES} lines")
 
@@ -126,7 +159,7 @@ async def announce_client(talk: Conversation, offered: Collection[bytes]) -> Non
     port = b" PORT=%d" % address.port if address.port else b""
     await talk.send(b"XCLIENT ADDR=" + address.ip.encode("ascii") + port + b"\r\n")
     answer = await talk.line()
-    if not answer.startswith((b"+OK", b"-ERR")):
+    if _status(answer) is None:
         raise ProtocolError("unexpected POP3 response to XCLIENT")
 
 

@@ -174,7 +174,11 @@ class App:
         lines.append(f"header From check: {'on' if config.check_header_from else 'off'}")
         lines.append("authenticators (in order):")
         for number, backend in enumerate(self.chain.backends, 1):
-            lines.append(f"  {number}. {backend.name} {backend.target}")
+            transport = getattr(backend, "transport", "")  # remote stores: how passwords go
+            lines.append(
+                f"  {number}. {backend.name} {backend.target}"
+                + (f" ({transport})" if transport else "")
+            )
         lines.append(
             f"delivery: {self.delivery.target.name} {describe_target(self.delivery.target)}"
         )

@@ -69,7 +69,11 @@ def test_toml_table_takes_url_and_options(tmp_path: Path) -> None:
         ("imap", {"url": "imap://"}, "no host"),
         ("imap", {"url": "imap://h", "timeout": "soon"}, "timeout must be"),
         ("imap", {"url": "imap://h", "timeout": 0}, "timeout must be"),
-        ("imap", {"url": "imap://h", "verify": False}, "TLS URLs only"),
+        ("imap", {"url": "imap://h?tls=none", "verify": False}, "apply to TLS, not tls=none"),
+        ("pop3", {"url": "pop3://h", "tls": "none", "ca_file": "/x"}, "not tls=none"),
+        ("imap", {"url": "imap://h?tls=maybe"}, "tls must be auto, starttls or none"),
+        ("imap", {"url": "imaps://h?tls=starttls"}, "imaps:// is TLS from the start"),
+        ("pop3", {"url": "pop3s://h", "tls": "auto"}, "pop3s:// is TLS from the start"),
         ("imaps", {"url": "imaps://h", "verify": "maybe"}, "true or false"),
         ("imap", {"url": "imaps://h", "ca_file": "/nonexistent/ca.pem"}, "ca_file"),
         ("imap", {"url": "imap://h", "ipauthmap": "/etc/x"}, "need host 0.0.0.0"),
@@ -203,7 +207,9 @@ def test_imap_login_answers_map_to_verdicts(line: bytes, verdict: Verdict) -> No
         (b"-ERR [SYS/TEMP] Temporary authentication failure.", "PASS", Verdict.TEMPFAIL),
         (b"-ERR [SYS/PERM] disk gone", "PASS", Verdict.TEMPFAIL),
         (b"-ERR [LOGIN-DELAY] wait", "PASS", Verdict.TEMPFAIL),
-        (b"-ERR [IN-USE] maildrop locked", "PASS", Verdict.ACCEPT),
+        (b"-ERR [IN-USE] maildrop locked", "PASS", Verdict.TEMPFAIL),  # no proof either
+        (b"-ERR [IN-USE] maildrop locked", "APOP", Verdict.TEMPFAIL),
+        (b"-ERR [SYS/TEMP/DISK] full", "PASS", Verdict.TEMPFAIL),
         (b"-ERR [IN-USE] maildrop locked", "USER", Verdict.TEMPFAIL),  # no password checked
         (b"-ERR no such user", "USER", Verdict.REJECT),
     ],

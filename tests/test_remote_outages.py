@@ -126,16 +126,17 @@ def test_server_refusing_plaintext_gets_no_password(client: ClientIdentity) -> N
     # Dovecot refuses plaintext logins on connections it does not consider secure: not TLS,
     # and local address != remote address (we connect from 127.0.0.1 to 127.0.0.5). It says
     # so before the login (IMAP LOGINDISABLED, POP3 CAPA without USER), so the password
-    # stays here and the verdict is TEMPFAIL: the admin must switch to imaps/pop3s.
+    # stays here and the verdict is TEMPFAIL. (tls=none: with the default, auto, ofmipd
+    # would upgrade with STARTTLS first; tests/test_remote_tls.py shows that.)
     with Dovecot(
         {"alice": "wonderland"},
         addresses=("127.0.0.5",),
         extra_config="disable_plaintext_auth = yes\n",
     ) as server:
-        imap = verify(server.url("imap"), "alice", "wonderland", client)
+        imap = verify(server.url("imap") + "?tls=none", "alice", "wonderland", client)
         assert imap.verdict is Verdict.TEMPFAIL
         assert "LOGINDISABLED" in imap.reason
-        pop3 = verify(server.url("pop3"), "alice", "wonderland", client)
+        pop3 = verify(server.url("pop3") + "?tls=none", "alice", "wonderland", client)
         assert pop3.verdict is Verdict.TEMPFAIL
         assert "does not offer USER" in pop3.reason
         log = server.logs()
