@@ -265,6 +265,11 @@ class Relay:
                 reply = await conn.command("STARTTLS")
                 if reply.code != 220:
                     raise RelayError(f"STARTTLS refused: {reply.line()}")
+                # Bytes after the go-ahead came in cleartext: a man in the middle's answers
+                # to be read as if through TLS (CVE-2011-0411). StreamReader has no public
+                # "bytes buffered"; its _buffer is a bytearray.
+                if getattr(reader, "_buffer", b""):
+                    raise RelayError("STARTTLS: downstream sent data after its go-ahead")
                 await writer.start_tls(self._tls_context(), server_hostname=host)
                 await conn.ehlo(self.hostname)
                 secure = True

@@ -20,8 +20,11 @@ IDENTITY = Identity(ClientIdentity("192.0.2.9", 5555), "client.example", "alice"
 class FakeDownstream:
     """A scripted SMTP server: 250 to everything, 354 to DATA."""
 
-    def __init__(self, extensions: tuple[str, ...], slow: str = "") -> None:  # slow: upper case
+    def __init__(
+        self, extensions: tuple[str, ...], slow: str = "", tls: str = "none"
+    ) -> None:  # slow: upper case
         self.extensions = extensions
+        self.tls = tls
         self.slow = slow  # a verb whose reply comes only after 2 s
         self.chunks: list[bytes] = []
         self.open = 0
@@ -69,6 +72,8 @@ class FakeDownstream:
             )
         if verb == "DATA":
             return b"354 go ahead\r\n"
+        if verb == "STARTTLS":  # with an answer injected in cleartext after the go-ahead
+            return b"220 2.0.0 go ahead\r\n250 2.0.0 injected\r\n"
         return b"250 2.0.0 Ok\r\n"
 
     async def __aenter__(self) -> Relay:
@@ -76,7 +81,7 @@ class FakeDownstream:
         port = self.server.sockets[0].getsockname()[1]
         return Relay(
             Downstream("127.0.0.1", port, False),
-            tls="none",
+            tls=self.tls,
             size=2,
             identity="auto",
             hostname="ofmipd.test",
@@ -273,3 +278,19 @@ def test_a_mail_waiting_too_long_for_a_connection_gets_451(
             held.abort()
 
     run(test)
+
+
+def test_cleartext_injected_after_the_starttls_go_ahead_is_refused() -> None:
+    fake = FakeDownstream(("STARTTLS",), tls="require")
+
+    async def test() -> None:
+        async with fake as relay:
+            reply, transaction = await relay.begin(IDENTITY, "alice@example.com", [])
+            assert transaction is None
+            assert reply.startswith("451 "), reply
+            relay.close()
+
+    run(test)
+    sent = b"".join(fake.chunks)
+    assert b"STARTTLS\r\n" in sent
+    assert b"MAIL FROM" not in sent  # nothing went on in the clear after the injection
