@@ -6,6 +6,7 @@ build_app(), so what the admin tests is what the server runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import auth_backends
 from ofmipd.app import App
 from ofmipd.auth import Chain
-from ofmipd.config import Config
+from ofmipd.config import BackendSpec, Config
 from ofmipd.delivery import Delivery, MaildirTarget, SendmailTarget, Target
 from ofmipd.errors import ConfigError
 
@@ -38,8 +39,28 @@ def default_hostname() -> str:
     return name
 
 
+log = logging.getLogger("ofmipd")
+
+
 def build_chain(config: Config) -> Chain:
-    return Chain([auth_backends.create(spec) for spec in config.auth], timeout=config.auth_timeout)
+    backends = [auth_backends.create(spec) for spec in config.auth]
+    for spec in config.auth:
+        _warn_if_cut_short(spec, config.auth_timeout)
+    return Chain(backends, timeout=config.auth_timeout)
+
+
+def _warn_if_cut_short(spec: BackendSpec, auth_timeout: float) -> None:
+    """A backend's own timeout at or above the chain's means the chain gives up first, with
+    a vaguer reason (and, for a remote store, before Dovecot's penalty is over)."""
+    declared = auth_backends.declared(spec.kind)
+    if not any(option.name == "timeout" for option in declared.options):
+        return
+    settings = declared.settings(spec)
+    if float(settings["timeout"]) >= auth_timeout:
+        log.warning(
+            "%s: timeout %gs is not shorter than --auth-timeout %gs: the chain gives up first",
+            settings.where, float(settings["timeout"]), auth_timeout,
+        )  # fmt: skip
 
 
 def build_delivery(config: Config, hostname: str) -> Delivery:

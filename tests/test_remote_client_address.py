@@ -11,6 +11,7 @@ import asyncio
 import base64
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from ofmipd.config import Config
 from ofmipd.identity import ClientIdentity
 from tests.conftest import free_port
 from tests.dovecot_server import Dovecot
-from tests.ofmipd_server import Daemon
+from tests.ofmipd_server import Daemon, ofmipd_command, server_env
 
 USERS = {"alice": "wonderland", "bob": "builder", "carol": "cheshire"}
 CLIENT = "192.0.2.10"
@@ -215,6 +216,26 @@ def test_default_timeout_outlasts_dovecots_longest_penalty() -> None:
     # what --help and README's table say
     for kind, url in ((IMAP, "imap://192.0.2.1"), (POP3, "pop3://192.0.2.1")):
         assert kind.settings(BackendSpec(kind=kind.kind, arg=url))["timeout"] == DEFAULT_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("args", "warned"),
+    [
+        (["-R", "pop3://192.0.2.1"], False),
+        (["-R", "pop3://192.0.2.1", "--auth-timeout", "15"], True),
+        (["-R", "imap://192.0.2.1?timeout=40"], True),
+    ],
+)
+def test_check_config_warns_when_the_chain_would_cut_a_backend_short(
+    args: list[str], warned: bool
+) -> None:
+    checked = subprocess.run(
+        [*ofmipd_command("--check-config", *args)],
+        capture_output=True, text=True, env=server_env(), timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    said = "is not shorter than --auth-timeout" in checked.stdout + checked.stderr
+    assert said is warned, checked.stdout + checked.stderr
 
 
 # -- stand-in servers: what Dovecot never says --------------------------------------------
