@@ -16,6 +16,8 @@ import pytest
 from auth_backends.passwd_file import PasswdFile
 from ofmipd.auth import Secret, Verdict
 from ofmipd.identity import ClientIdentity
+from tests.conftest import free_port
+from tests.ofmipd_server import CAPTURE, Daemon, server_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "Otter-Maple-5120-distinct"
@@ -41,6 +43,26 @@ def verify(path: Path, user: str, password: str, ip: str = "127.0.0.1") -> tuple
     outcome = asyncio.run(backend.verify(user, Secret(password.encode()), ClientIdentity(ip)))
     asyncio.run(backend.close())
     return outcome.verdict, outcome.reason
+
+
+def passwd_daemon(path: Path, tmp_path: Path) -> Daemon:
+    """A real ofmipd on this passwd-file, keeping last use in tmp_path/state."""
+    capture = tmp_path / "capture"
+    capture.mkdir()
+    port = free_port()
+    args = ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "--passwd-file", str(path),
+            "--sendmail", CAPTURE, "--state-dir", str(tmp_path / "state")]  # fmt: skip
+    return Daemon(args, port, tmp_path, env=server_env(CAPTURE_DIR=str(capture)))
+
+
+def last_use(path: Path, tmp_path: Path, label: str) -> str:
+    """app-list's row for this label, through a configuration naming the state directory."""
+    config = tmp_path / "ofmipd.toml"
+    state = tmp_path / "state"
+    config.write_text(f'state_dir = "{state}"\n[[auth]]\nkind = "passwd-file"\npath = "{path}"\n')
+    config.chmod(0o600)
+    listed = passwd("--config", str(config), "app-list", "alice")
+    return [line for line in listed.stdout.splitlines() if line.startswith(label)][0]
 
 
 @pytest.fixture
@@ -246,17 +268,10 @@ def test_last_use_is_kept_in_the_state_directory_and_listed(path: Path, tmp_path
 def test_a_real_login_names_the_label_and_records_last_use(path: Path, tmp_path: Path) -> None:
     import smtplib
 
-    from tests.conftest import free_port
-    from tests.ofmipd_server import CAPTURE, Daemon, server_env
-
     assert passwd("--file", str(path), "add", "alice").returncode == 0
     app_password = passwd("--file", str(path), "app-add", "alice", "tablet").stdout.split()[-1]
-    state, capture = tmp_path / "state", tmp_path / "capture"
-    capture.mkdir()
-    port = free_port()
-    args = ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "--passwd-file", str(path),
-            "--sendmail", CAPTURE, "--state-dir", str(state)]  # fmt: skip
-    with Daemon(args, port, tmp_path, env=server_env(CAPTURE_DIR=str(capture))) as daemon:
+    with passwd_daemon(path, tmp_path) as daemon:
+        port = daemon.port
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
             smtp.login("alice", app_password)
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
@@ -265,12 +280,7 @@ def test_a_real_login_names_the_label_and_records_last_use(path: Path, tmp_path:
         daemon.wait_for_log("app password 'tablet' matches")
         log = daemon.log_text()
     assert app_password not in log and PASSWORD not in log
-    config = tmp_path / "ofmipd.toml"
-    config.write_text(f'state_dir = "{state}"\n[[auth]]\nkind = "passwd-file"\npath = "{path}"\n')
-    config.chmod(0o600)
-    listed = passwd("--config", str(config), "app-list", "alice")
-    row = [line for line in listed.stdout.splitlines() if line.startswith("tablet")][0]
-    assert row.endswith("Z from 127.0.0.1"), listed.stdout
+    assert last_use(path, tmp_path, "tablet").endswith("Z from 127.0.0.1")
 
 
 def test_add_prompts_twice_without_echo_on_a_terminal(path: Path) -> None:
@@ -354,17 +364,10 @@ def test_a_real_scram_login_records_last_use_too(path: Path, tmp_path: Path) -> 
 
     from scramp import ScramClient
 
-    from tests.conftest import free_port
-    from tests.ofmipd_server import CAPTURE, Daemon, server_env
-
     assert passwd("--file", str(path), "add", "alice").returncode == 0
     app_password = passwd("--file", str(path), "app-add", "alice", "mutt").stdout.split()[-1]
-    state, capture = tmp_path / "state", tmp_path / "capture"
-    capture.mkdir()
-    port = free_port()
-    args = ["-p", f"127.0.0.1:{port}", "--hostname", "mx.test", "--passwd-file", str(path),
-            "--sendmail", CAPTURE, "--state-dir", str(state)]  # fmt: skip
-    with Daemon(args, port, tmp_path, env=server_env(CAPTURE_DIR=str(capture))) as daemon:
+    with passwd_daemon(path, tmp_path) as daemon:
+        port = daemon.port
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
             smtp.ehlo()
             client = ScramClient(["SCRAM-SHA-256"], "alice", app_password)
@@ -375,9 +378,4 @@ def test_a_real_scram_login_records_last_use_too(path: Path, tmp_path: Path) -> 
             client.set_server_final(base64.b64decode(text).decode())
             assert smtp.docmd("")[0] == 235
         daemon.wait_for_log("SCRAM-SHA-256 proof matches (app password 'mutt')")
-    config = tmp_path / "ofmipd.toml"
-    config.write_text(f'state_dir = "{state}"\n[[auth]]\nkind = "passwd-file"\npath = "{path}"\n')
-    config.chmod(0o600)
-    listed = passwd("--config", str(config), "app-list", "alice")
-    row = [line for line in listed.stdout.splitlines() if line.startswith("mutt")][0]
-    assert row.endswith("Z from 127.0.0.1"), listed.stdout
+    assert last_use(path, tmp_path, "mutt").endswith("Z from 127.0.0.1")
