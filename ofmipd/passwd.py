@@ -228,7 +228,8 @@ def owner_and_label(line: str) -> tuple[str, str | None] | None:
 
 @contextlib.contextmanager
 def locked(path: str) -> Iterator[None]:
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW  # root: no planted link
+    fd = os.open(path + ".lock", flags, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -286,6 +287,9 @@ def write_atomically(path: str, lines: list[str]) -> None:
 
 
 def edit(path: str, change: Callable[[list[str]], list[str]]) -> None:
+    # A symlinked file (one user file shared with Dovecot's, say) is written where it
+    # really is: a rename over the link would replace the link, and the two would part.
+    path = os.path.realpath(path)
     with locked(path):
         write_atomically(path, change(read_lines(path)))
 

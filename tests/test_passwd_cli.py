@@ -379,3 +379,23 @@ def test_a_real_scram_login_records_last_use_too(path: Path, tmp_path: Path) -> 
             assert smtp.docmd("")[0] == 235
         daemon.wait_for_log("SCRAM-SHA-256 proof matches (app password 'mutt')")
     assert last_use(path, tmp_path, "mutt").endswith("Z from 127.0.0.1")
+
+
+def test_a_symlinked_file_is_written_where_it_really_is(tmp_path: Path) -> None:
+    real = tmp_path / "dovecot" / "users"
+    real.parent.mkdir()
+    link = tmp_path / "users"
+    link.symlink_to(real)
+    assert passwd("--file", str(link), "add", "alice").returncode == 0
+    assert passwd("--file", str(link), "app-add", "alice", "phone").returncode == 0
+    assert link.is_symlink() and link.resolve() == real
+    assert [line.split(":")[0] for line in real.read_text().splitlines()] == ["alice", "alice"]
+    assert not list(tmp_path.glob(".ofmipd-passwd.*"))  # no temporary file beside the link
+
+
+def test_a_planted_lock_symlink_is_not_followed(path: Path, tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    Path(str(path) + ".lock").symlink_to(target)
+    done = passwd("--file", str(path), "add", "alice")
+    assert done.returncode != 0 and not target.exists()
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
