@@ -89,6 +89,13 @@ class PrometheusMetrics:
             ["quota"],
             registry=r,
         )
+        self.policy = prom.Counter(
+            "ofmipd_policy_refusals",
+            "MAIL, RCPT or end of DATA refused by a --policy service, by protocol state and "
+            "reply class",
+            ["state", "reply"],
+            registry=r,
+        )
         self._server: Any = None
 
     def session_started(self) -> None:
@@ -115,6 +122,9 @@ class PrometheusMetrics:
 
     def quota_exceeded(self, kind: str) -> None:
         self.quotas.labels(kind).inc()
+
+    def policy_refused(self, state: str, reply: str) -> None:
+        self.policy.labels(state, f"{reply[:1]}xx").inc()  # 4xx or 5xx, few series
 
     def start(self, host: str, port: int, **bounds: Any) -> None:
         """Serve the registry on HOST:PORT (bounds: metrics_server.start's limits)."""

@@ -652,6 +652,8 @@ class SubmissionProtocol(SMTP):
         decision = await clients.check(attributes, self.session_id)
         if decision.reply is None:  # a refused recipient's headers go with it
             self.policy_headers.extend(decision.prepend)
+        else:
+            self.app.metrics.policy_refused(state, decision.reply)
         if decision.disconnect:
             self.close_after_reply = True
             self.result = "policy-disconnect"

@@ -36,6 +36,7 @@ from tests.ofmipd_server import (
     start_daemon,
 )
 from tests.policy_support import Request, ScriptedPolicy, action, dunno, send
+from tests.ports import free_port
 from tests.tls_support import client_context, make_certificate
 
 SENDER, RCPT = "alice@example.org", "bob@example.net"
@@ -223,6 +224,24 @@ def test_each_refusing_action_is_the_rcpt_reply_and_nothing_is_sent(
     if code == 451:  # never silently ignored: the log says what the server asked for
         assert f"answered {answer.split()[0]}" in log or "answered " + answer in log
         assert "default action 451 4.3.5" in log
+
+
+def test_refusals_are_counted_by_state_and_reply_class(
+    tmp_path: Path, users: Path, capture: Path
+) -> None:
+    import urllib.request
+
+    port = free_port()
+    metrics = ("--metrics", f"127.0.0.1:{port}")
+    with ScriptedPolicy(action("REJECT not you")) as policy:
+        with start_daemon(tmp_path, users, capture, "--policy", policy.service, *metrics) as d:
+            smtp = login(d)
+            assert send(smtp, SENDER, RCPT)[0] == 554
+            assert send(smtp, SENDER, RCPT)[0] == 554
+            smtp.quit()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as page:
+                text = page.read().decode()
+    assert 'ofmipd_policy_refusals_total{reply="5xx",state="RCPT"} 2.0' in text
 
 
 @pytest.mark.parametrize("answer", ["INFO just so you know", "WARN look at this", "OK", "DUNNO"])
