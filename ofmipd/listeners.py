@@ -258,6 +258,8 @@ class Daemon:
             self.app.relay.close()
         if self.app.quotas is not None:
             await self.app.quotas.drain()  # the charges of the last messages
+        if self.app.limiter is not None:
+            await self.app.limiter.drain()  # the guesses given back by the last sessions
         log.info("stopped")
 
 

@@ -225,6 +225,13 @@ class LoginLimiter:
         self._abandoned.add(task)
         task.add_done_callback(self._abandoned.discard)
 
+    async def drain(self) -> None:
+        """Wait for the reservations given back in the background: a process that ends
+        first (every `ofmipd -1` session) would leave them held in the shared store until
+        they expire, and a few cancelled SCRAM exchanges would lock the name out."""
+        while self._abandoned:
+            await asyncio.gather(*self._abandoned, return_exceptions=True)
+
     async def failure_delay(self) -> None:
         """Slow each rejected or refused attempt down (the session waits, not the loop)."""
         if self.delay > 0:

@@ -130,6 +130,8 @@ async def run_session(app: App) -> None:
     finally:
         if app.quotas is not None:
             await app.quotas.drain()  # a message's charge must land before the process ends
+        if app.limiter is not None:
+            await app.limiter.drain()  # and a guess given back must be back
         if app.relay is not None:
             app.relay.close()  # QUIT to the MTA, as a daemon says it when stopping
             await asyncio.sleep(0)  # the loop closes the sockets it flushed
