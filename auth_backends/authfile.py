@@ -74,7 +74,6 @@ class AuthFile:
         log.info("authfile %s: %d users", path, len(users))
         # (name, hash) -> (the password they came from, its keys)
         self._scram: dict[tuple[str, str], tuple[bytes, ScramKeys]] = {}
-        self._salts: dict[str, bytes] = {}
 
     def _check_mode(self, st: os.stat_result) -> None:
         mode = stat.S_IMODE(st.st_mode)
@@ -120,7 +119,7 @@ class AuthFile:
         if isinstance(entry, Outcome):
             return entry
         name, password = entry
-        key = (name, hash_name)  # the name as the file spells it: keys carry it
+        key = (user, hash_name)  # the salt follows the name as sent
         cached = self._scram.get(key)
         if cached is not None and cached[0] == password:  # re-derived when the file changes
             return [cached[1]]
@@ -129,12 +128,16 @@ class AuthFile:
         except UnicodeDecodeError:
             return reject(f"password of {name} in {self.path} is not UTF-8: no SCRAM keys")
         from ofmipd.scram import derive_keys  # scramp: only when SCRAM is used
+        from ofmipd.scram_salts import salt_for
 
-        salt = self._salts.setdefault(name.lower(), os.urandom(16))
+        # As an unknown name's fake salt is made, from the name as sent: nothing differs.
+        salt = salt_for(user)
         try:
             keys = derive_keys(text, hash_name, salt, None)._replace(user=name)
         except ValueError:  # SASLprep refuses some passwords
             return reject(f"password of {name} in {self.path} fails SASLprep: no SCRAM keys")
+        if len(self._scram) >= 4096:  # case variants of long names: not without bound
+            self._scram.clear()
         self._scram[key] = (password, keys)
         return [keys]
 

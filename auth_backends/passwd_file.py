@@ -348,8 +348,11 @@ def check(
 
 def plain_salt(user: str) -> bytes:
     """The salt of keys derived from a user's {PLAIN} lines: one per user (so that all
-    of them can answer one exchange) and stable (so that a client may cache its proof)."""
-    return hashlib.sha256(f"ofmipd-scram\0{user}".encode()).digest()[:16]
+    of them can answer one exchange), the same in every process, and made as an unknown
+    name's fake one is (ofmipd.scram_salts), so that it does not say who exists."""
+    from ofmipd.scram_salts import salt_for
+
+    return salt_for(user)
 
 
 def keys_for(

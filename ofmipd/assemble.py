@@ -166,7 +166,9 @@ def build_quotas(
 
 
 def share_store(chain: Chain, store: Store | None) -> None:
-    """The passwd-file records its app passwords' last use in the embedded store."""
+    """The passwd-file records its app passwords' last use in the embedded store; SCRAM's
+    salts come from a pepper kept there (ofmipd.scram_salts)."""
+    chain.store = store
     for backend in chain.backends:
         if backend.name == "passwd-file":
             backend.store = store  # type: ignore[attr-defined]

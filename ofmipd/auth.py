@@ -20,6 +20,7 @@ from ofmipd.offload import QueueTimeout
 
 if TYPE_CHECKING:
     from ofmipd.identity import ClientIdentity
+    from ofmipd.store import Store
 
 log = logging.getLogger("ofmipd.auth")
 
@@ -259,6 +260,7 @@ class Chain:
     def __init__(self, backends: Sequence[Authenticator], timeout: float = 30.0) -> None:
         self.backends = tuple(backends)
         self.timeout = timeout
+        self.store: Store | None = None  # the embedded store, for SCRAM's salts
 
     @property
     def supports_cram_md5(self) -> bool:
@@ -308,6 +310,9 @@ class Chain:
         name = check_at_the_door(user, b"-")  # SCRAM sends no password
         if isinstance(name, Outcome):
             return refused_at_the_door(name)
+        from ofmipd.scram_salts import load_pepper
+
+        await load_pepper(self.store)  # before any salt is derived or faked
         found: list[ScramKeys] = []
 
         async def lookup(backend: Authenticator) -> Outcome:

@@ -8,8 +8,6 @@ SMTP detail is in here, and it answers the Chain with an Outcome like any backen
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -19,16 +17,13 @@ from scramp.core import CBindData
 from scramp.utils import ScramException, ServerError
 
 from ofmipd.auth import Outcome, ScramKeys, accept, reject
+from ofmipd.scram_salts import salt_for
 
 END_POINT = "tls-server-end-point"  # RFC 5929; tls-unique is never offered (TLS 1.3 lacks it)
 ITERATIONS = 4096  # RFC 7677's minimum, and what Dovecot and GNU SASL use by default
 
 # Sends a challenge (bytes) and returns the client's decoded answer; raises to end AUTH.
 Ask = Callable[[bytes], Awaitable[bytes]]
-
-# Per process: an unknown user's fake salt stays the same across attempts (a salt that
-# changed every time would tell a prober the user does not exist).
-_PEPPER = os.urandom(32)
 
 
 def hash_of(mechanism: str) -> str:
@@ -55,9 +50,9 @@ def end_point_hash(certificate_der: bytes) -> bytes:
     return CBindData.from_der(certificate_der).data
 
 
-def _fake_keys(user: str, hash_name: str) -> tuple[bytes, bytes, bytes, int]:
-    salt = hmac.new(_PEPPER, f"{hash_name}:{user}".encode(), hashlib.sha256).digest()[:16]
-    return salt, os.urandom(32), os.urandom(32), ITERATIONS
+def _fake_keys(user: str) -> tuple[bytes, bytes, bytes, int]:
+    # The salt a derived-keys user would get (ofmipd.scram_salts): nothing tells them apart.
+    return salt_for(user), os.urandom(32), os.urandom(32), ITERATIONS
 
 
 class ScramExchange:
@@ -96,7 +91,7 @@ class ScramExchange:
         auth_info = (
             (first.salt, first.stored_key, first.server_key, first.iterations)
             if first is not None
-            else _fake_keys(self.user, self.hash_name)
+            else _fake_keys(self.user)
         )
         try:
             server = self._server(auth_info)

@@ -417,3 +417,85 @@ def test_client_first_parser_unescapes_the_name():
     assert first.user == b"a,b=c"
     with pytest.raises(mechanisms.MalformedResponse):
         mechanisms.parse_scram_first(b"n,,n=a=b,r=abc")
+
+
+# ---- the salt before any proof does not say who exists ------------------------------------
+
+
+def salt_shown(args: list[str], env: dict[str, str], user: str, mechanism: str) -> bytes:
+    """The salt of the server-first message one `ofmipd -1` process shows for `user`."""
+    from tests.ofmipd_server import ofmipd_command
+
+    client_first = f"n,,n={user},r=fyko+d2lbbFgONRv9qkxdawL"
+    proc = subprocess.Popen(
+        ofmipd_command("-1", *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+
+        def reply() -> bytes:
+            while True:
+                line = proc.stdout.readline()
+                assert line, "ofmipd closed the session"
+                if line[3:4] == b" ":
+                    return line.rstrip(b"\r\n")
+
+        reply()  # the greeting
+        for command in ("EHLO probe.test", f"AUTH {mechanism} {b64(client_first)}"):
+            proc.stdin.write(command.encode() + b"\r\n")
+            proc.stdin.flush()
+            answer = reply()
+        assert answer.startswith(b"334 "), answer
+        server_first = dict(
+            part.split("=", 1) for part in unb64(answer[4:]).split(",") if "=" in part
+        )
+        proc.stdin.write(b"*\r\nQUIT\r\n")
+        proc.stdin.flush()
+        return base64.b64decode(server_first["s"])
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_salts_do_not_tell_known_from_unknown_names_across_processes(tmp_path: Path) -> None:
+    from tests.ofmipd_server import CAPTURE, server_env
+
+    users = authfile(tmp_path, "alice:s3cret\n")
+    passwd = tmp_path / "passwd"
+    passwd.write_text("bob:{PLAIN}s3cret\n")
+    passwd.chmod(0o600)
+    env = server_env()  # one state directory for every process, as under tcpserver
+    for args, known in (
+        (["-a", str(users)], "alice"),
+        (["--passwd-file", str(passwd)], "bob"),
+    ):
+        args = [*args, "--hostname", "mx.test", "--sendmail", CAPTURE]
+        shown = {
+            (name, mechanism): {salt_shown(args, env, name, mechanism) for _ in range(2)}
+            for name in (known, known.upper(), "nobody", "NOBODY")
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-1")
+        }
+        # Each name shows one salt, whichever process answers and whichever hash...
+        for name in (known, known.upper(), "nobody", "NOBODY"):
+            salts = shown[(name, "SCRAM-SHA-256")] | shown[(name, "SCRAM-SHA-1")]
+            assert len(salts) == 1, (name, salts)
+        # ...each spelling its own, known or not, and none a prober could compute.
+        salts = [next(iter(shown[(n, "SCRAM-SHA-256")])) for n in (known, known.upper())]
+        assert salts[0] != salts[1]
+        public = hashlib.sha256(f"ofmipd-scram\0{known}".encode()).digest()[:16]
+        assert public not in salts
+
+
+@pytest.mark.slow
+def test_cancelled_exchanges_in_one_session_processes_hold_no_login_slot(tmp_path: Path) -> None:
+    # Each `ofmipd -1` gives its reservation back before it exits: otherwise five
+    # cancelled exchanges would lock the name out ("too many logins in progress") for
+    # everyone, the real user included, until the holds expired.
+    from tests.ofmipd_server import CAPTURE, server_env
+
+    users = authfile(tmp_path, "alice:s3cret\n")
+    args = ["-a", str(users), "--hostname", "mx.test", "--sendmail", CAPTURE]
+    env = server_env()
+    salts = {salt_shown(args, env, "alice", "SCRAM-SHA-256") for _ in range(8)}
+    assert len(salts) == 1
