@@ -15,6 +15,7 @@ login one key derivation (4096 PBKDF2 rounds, a few ms).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
@@ -133,7 +134,9 @@ class AuthFile:
         # As an unknown name's fake salt is made, from the name as sent: nothing differs.
         salt = salt_for(user)
         try:
-            keys = derive_keys(text, hash_name, salt, None)._replace(user=name)
+            # PBKDF2 (4096 rounds, ~1.3 ms): off the loop, like every other hash check
+            derived = await asyncio.to_thread(derive_keys, text, hash_name, salt, None)
+            keys = derived._replace(user=name)
         except ValueError:  # SASLprep refuses some passwords
             return reject(f"password of {name} in {self.path} fails SASLprep: no SCRAM keys")
         if len(self._scram) >= 4096:  # case variants of long names: not without bound
